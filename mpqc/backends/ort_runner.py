@@ -1,0 +1,61 @@
+"""ONNX Runtime runner: a session configured by the target, with inputs checked on every run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from mpqc.errors import MpqcError
+from mpqc.targets import Target
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(target: Target) -> ort.SessionOptions:
+    runtime = target.runtime
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(runtime.get("intra_op_num_threads", 0))
+    options.inter_op_num_threads = int(runtime.get("inter_op_num_threads", 0))
+    options.graph_optimization_level = _LEVELS[runtime.get("graph_optimization_level", "all")]
+    options.log_severity_level = 3
+    for key, value in runtime.get("session_config", {}).items():
+        options.add_session_config_entry(key, str(value))
+    return options
+
+
+class OrtRunner:
+    def __init__(self, model: bytes | str, target: Target):
+        if target.backend != "onnxruntime":
+            raise MpqcError(f"target '{target.name}' runs on {target.backend}, not ONNX Runtime")
+        self.target = target
+        try:
+            self.session = ort.InferenceSession(model, session_options(target), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise MpqcError(f"ONNX Runtime cannot load the model: {first}") from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def threads(self) -> int:
+        return int(self.target.runtime.get("intra_op_num_threads", 0))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            raise MpqcError(f"missing model input(s): {', '.join(missing)}")
+        return self.session.run(self.output_names, {name: feeds[name] for name in self.inputs})
+
+    def run_batched(self, feeds: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """The first output over all samples, run in batches (evaluation sets do not fit one run)."""
+        count = len(next(iter(feeds.values())))
+        chunks = [
+            self.run({name: array[start : start + batch_size] for name, array in feeds.items()})[0]
+            for start in range(0, count, batch_size)
+        ]
+        return np.concatenate(chunks)

@@ -1,0 +1,227 @@
+"""`mpqc build`: model -> canonical ONNX -> layers -> policy -> calibration -> QDQ model -> artifacts.
+
+Each stage takes and returns plain data. Everything is written to a temporary folder beside
+`--out` and renamed at the end, so a failed build leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import random
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from mpqc.backends.ort_runner import OrtRunner
+from mpqc.bench.fidelity import output_agreement
+from mpqc.bench.latency import first_batch, measure_latency
+from mpqc.calibrate.ranges import calibrate
+from mpqc.data.feeds import check_feeds, feeds_sha256, load_npz
+from mpqc.errors import MpqcError
+from mpqc.frontend.resolve import LoadedModel, resolve_model
+from mpqc.frontend.torch_export import module_map
+from mpqc.lower.qdq import lower, quantized_tensors
+from mpqc.passes.layers import Layer, find_layers
+from mpqc.passes.pipeline import canonicalize
+from mpqc.passes.signatures import layer_signature
+from mpqc.passes.ties import tie_groups
+from mpqc.policy import Policy, resolve_policy
+from mpqc.report.markdown import render_report
+from mpqc.targets import Target, load_target
+from mpqc.versions import machine, versions
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    target: str = "ort-cpu"
+    policy: str = "uniform:w8a8"
+    proxy: str | None = None  # .npz keyed by input name; bundled examples bring their own
+    proxy_limit: int | None = None
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    seed: int = 0
+    evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
+    measure: bool = True  # time FP32 vs built and compute fidelity
+    batch: int = 1
+    runs: int = 100
+    warmup: int = 10
+
+
+@dataclasses.dataclass
+class Analysis:
+    """What the passes know about a model: used by build, export and inspect alike."""
+
+    loaded: LoadedModel
+    model: ir.Model
+    layers: list[Layer]
+    ties: list[tuple[str, ...]]
+
+    def describe_layers(self, target: Target) -> list[dict]:
+        modules = module_map(self.loaded.model)
+        rows = []
+        for layer in self.layers:
+            rows.append(
+                {
+                    "name": layer.name,
+                    "op_type": layer.op_type,
+                    "torch_module": modules.get(layer.name),
+                    "signature": layer_signature(self.model, layer).to_json(),
+                    "deploy": [p.name for p in target.precisions_for(layer.op_type)],
+                    "evaluate": [p.name for p in target.precisions_for(layer.op_type, deployable_only=False)],
+                }
+            )
+        return rows
+
+
+def analyze(spec: str) -> Analysis:
+    loaded = resolve_model(spec)
+    model = canonicalize(loaded.model)
+    layers = find_layers(model)
+    if not layers:
+        raise MpqcError(f"model '{spec}' has no quantizable layers (Conv, Gemm or MatMul with a constant weight)")
+    return Analysis(loaded, model, layers, tie_groups(layers))
+
+
+def proxy_feeds(options: BuildOptions, loaded: LoadedModel) -> tuple[dict[str, np.ndarray], str]:
+    if options.proxy is not None:
+        feeds, origin = load_npz(options.proxy), options.proxy
+    elif loaded.example is not None:
+        feeds, origin = loaded.example.proxy_feeds(options.proxy_limit), f"example:{loaded.spec}"
+    else:
+        raise MpqcError("this model needs proxy data for calibration: pass --proxy DATA.npz (arrays keyed by input name)")
+    feeds = check_feeds(feeds, loaded.model, origin)
+    if options.proxy_limit is not None:
+        feeds = {name: array[: options.proxy_limit] for name, array in feeds.items()}
+    return feeds, origin
+
+
+def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
+    """Run the whole build; write the artifacts to `out` (if given) and return build.json's content."""
+    if out is not None:
+        check_out_dir(out)
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    target = load_target(options.target)
+    analysis = analyze(options.model)
+    timings["frontend_and_passes_s"] = time.perf_counter() - clock
+
+    policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
+    float_model = ir.to_proto(analysis.model)
+    needed = quantized_tensors(analysis.layers, policy, target)
+    feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needed or options.proxy else ({}, None))
+
+    clock = time.perf_counter()
+    amax = calibrate(float_model, needed, feeds, options.calibration, options.percentile)
+    timings["calibration_s"] = time.perf_counter() - clock
+    if needed and not all(np.isfinite(v) for v in amax.values()):
+        raise MpqcError("calibration produced non-finite ranges: the model overflows on the proxy data")
+
+    clock = time.perf_counter()
+    built_model = ir.to_proto(lower(analysis.model, analysis.layers, policy, target, amax))
+    onnx.checker.check_model(built_model)
+    model_bytes = built_model.SerializeToString(deterministic=True)
+    timings["lowering_s"] = time.perf_counter() - clock
+
+    record = {
+        "format": "mpqc.build/1",
+        "model": {"spec": options.model, "kind": analysis.loaded.kind, "float_sha256": analysis.loaded.sha256()},
+        "target": {"name": target.name, "file_sha256": hashlib.sha256(target.path.read_bytes()).hexdigest()},
+        "policy": {"source": policy.source, "counts": _counts(policy)},
+        "options": dataclasses.asdict(options),
+        "proxy": {"origin": proxy_origin, "samples": len(next(iter(feeds.values()))) if feeds else 0,
+                  "sha256": feeds_sha256(feeds) if feeds else None},
+        "calibration": {"method": options.calibration, "tensors": len(needed)},
+        "layers": _layer_rows(analysis, policy, target),
+        "ties": [list(group) for group in analysis.ties],
+        "artifacts": {"model.qdq.onnx": hashlib.sha256(model_bytes).hexdigest()},
+        "versions": versions(),
+        "machine": machine(),
+        "seed": options.seed,
+    }
+    if options.measure:
+        record["measured"] = _measure(options, analysis.loaded, target, float_model, model_bytes, feeds, timings)
+    record["timings"] = timings
+    if out is not None:
+        _write_atomically(out, model_bytes, policy, record)
+    return record
+
+
+def _counts(policy: Policy) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, name in policy.assignments:
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _layer_rows(analysis: Analysis, policy: Policy, target: Target) -> list[dict]:
+    rows = analysis.describe_layers(target)
+    for row in rows:
+        row["precision"] = policy.as_dict[row["name"]]
+    return rows
+
+
+def _measure(options, loaded, target, float_model, model_bytes, feeds, timings) -> dict:
+    clock = time.perf_counter()
+    float_runner = OrtRunner(float_model.SerializeToString(), target)
+    built_runner = OrtRunner(model_bytes, target)
+    if loaded.example is not None:
+        eval_feeds, labels = loaded.example.eval_feeds()
+        reference = float_runner.run_batched(eval_feeds)
+        candidate = built_runner.run_batched(eval_feeds)
+        fidelity = {"data": "held-out eval set of the example", "samples": len(reference)}
+        fidelity |= loaded.example.fidelity(reference, candidate, labels)
+        fidelity |= output_agreement(reference, candidate)
+        timing_feeds = eval_feeds
+    else:
+        if not feeds:
+            raise MpqcError("measuring needs input data: pass --proxy DATA.npz or --no-measure")
+        reference, candidate = float_runner.run_batched(feeds), built_runner.run_batched(feeds)
+        fidelity = {"data": "proxy set (no held-out set for this model)", "samples": len(reference)}
+        fidelity |= output_agreement(reference, candidate)
+        timing_feeds = feeds
+    timings["fidelity_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    batch = first_batch(timing_feeds, options.batch)
+    fp32 = measure_latency(float_runner, batch, options.warmup, options.runs)
+    built = measure_latency(built_runner, batch, options.warmup, options.runs)
+    timings["latency_s"] = time.perf_counter() - clock
+    return {
+        "latency_fp32": fp32.to_json(),
+        "latency_built": built.to_json(),
+        "speedup": fp32.median_ms / built.median_ms,
+        "fidelity": fidelity,
+    }
+
+
+def check_out_dir(out: pathlib.Path) -> None:
+    """Replace an earlier build, never a folder of something else."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "build.json").is_file())):
+        raise MpqcError(f"--out '{out}' exists and is not an mpqc build folder; choose a new or empty folder")
+
+
+def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, record: dict) -> None:
+    out = out.resolve()
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "model.qdq.onnx").write_bytes(model_bytes)
+        policy.save(staging / "policy.json")
+        (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+        (staging / "report.md").write_text(render_report(record))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

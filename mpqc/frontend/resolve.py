@@ -1,0 +1,84 @@
+"""MODEL on the command line -> an ONNX model ready for the passes.
+
+MODEL is a bundled example name, a path to an .onnx file, or `package.module:factory` where the
+factory returns (torch module, example inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import pathlib
+import sys
+import types
+
+import onnx
+
+from mpqc.errors import MpqcError
+from mpqc.examples import EXAMPLES, load_example
+from mpqc.frontend.onnx_file import load_onnx_file, prepare
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    spec: str
+    kind: str  # "example" | "onnx" | "torch"
+    model: onnx.ModelProto  # float model, opset >= 21, shapes inferred
+    example: types.ModuleType | None  # the bundled example, which brings proxy/eval data
+
+    @property
+    def input_names(self) -> list[str]:
+        initializers = {i.name for i in self.model.graph.initializer}
+        return [i.name for i in self.model.graph.input if i.name not in initializers]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model.SerializeToString()).hexdigest()
+
+
+def resolve_model(spec: str) -> LoadedModel:
+    if spec in EXAMPLES:
+        example = load_example(spec)
+        module, inputs = example.build_module()
+        return LoadedModel(spec, "example", _export(module, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES, spec), example)
+    if spec.endswith(".onnx") or pathlib.Path(spec).is_file():
+        return LoadedModel(spec, "onnx", load_onnx_file(spec), None)
+    if ":" in spec:
+        module, inputs = _call_factory(spec)
+        names = tuple("input" if len(inputs) == 1 else f"input_{i}" for i in range(len(inputs)))
+        return LoadedModel(spec, "torch", _export(module, inputs, names, ("output",), spec), None)
+    raise MpqcError(
+        f"model '{spec}' is not a bundled example ({', '.join(EXAMPLES)}), an existing .onnx file, "
+        "or a package.module:factory"
+    )
+
+
+def _export(module, inputs, input_names, output_names, spec) -> onnx.ModelProto:
+    from mpqc.frontend.torch_export import export_module  # torch is imported only when needed
+
+    return prepare(export_module(module, tuple(inputs), tuple(input_names), tuple(output_names)), spec)
+
+
+def _call_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # let a build step name a module in its working directory
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MpqcError(f"cannot load factory '{spec}': {exc}") from None
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise MpqcError(f"factory '{spec}' must return (torch module, example inputs)")
+    module, inputs = result
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(module, torch.nn.Module) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise MpqcError(f"factory '{spec}' must return (torch.nn.Module, tensor or tuple of tensors)")
+    return module, tuple(inputs)

@@ -1,0 +1,63 @@
+"""Symmetric quantization numerics shared by the lowering and the tests' references.
+
+Every zero point is 0 (TensorRT accepts nothing else) and the integer range is narrow
+([-127, 127] for INT8, [-7, 7] for INT4) so that negating a weight never saturates.
+Rounding is half-to-even, as ONNX QuantizeLinear does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _safe_scale(amax: np.ndarray, bits: int) -> np.ndarray:
+    # An all-zero channel still needs a positive scale; any value dequantizes zeros exactly.
+    amax = np.where(amax > 0, amax, 1.0)
+    return (amax / qmax(bits)).astype(np.float32)
+
+
+def per_channel_scales(weight: np.ndarray, channel_axis: int, bits: int) -> np.ndarray:
+    reduce_axes = tuple(a for a in range(weight.ndim) if a != channel_axis)
+    return _safe_scale(np.abs(weight).max(axis=reduce_axes), bits)
+
+
+def blockwise_scales(weight: np.ndarray, block_axis: int, block_size: int, bits: int) -> np.ndarray:
+    """Scales for blocks of `block_size` along `block_axis`; the last block may be short."""
+    moved = np.moveaxis(np.abs(weight), block_axis, 0)
+    blocks = -(-moved.shape[0] // block_size)
+    amax = np.stack([moved[i * block_size : (i + 1) * block_size].max(axis=0) for i in range(blocks)])
+    return np.moveaxis(_safe_scale(amax, bits), 0, block_axis)
+
+
+def expand_scales(scales: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int | None) -> np.ndarray:
+    """Broadcast per-channel or block-wise scales to the full weight shape."""
+    if block_size is None:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return scales.reshape(view)
+    return np.repeat(scales, block_size, axis=axis).take(range(shape[axis]), axis=axis)
+
+
+def quantize(values: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Round-half-to-even and clip to the narrow symmetric range; returns int8 storage."""
+    q = np.rint(values / scales)
+    return np.clip(q, -qmax(bits), qmax(bits)).astype(np.int8)
+
+
+def quantize_weight(
+    weight: np.ndarray, bits: int, channel_axis: int, block_axis: int | None = None, block_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(integer weight, scales): per output channel, or block-wise along `block_axis` when block_size is given."""
+    if block_size is None:
+        scales = per_channel_scales(weight, channel_axis, bits)
+        return quantize(weight, expand_scales(scales, weight.shape, channel_axis, None), bits), scales
+    scales = blockwise_scales(weight, block_axis, block_size, bits)
+    return quantize(weight, expand_scales(scales, weight.shape, block_axis, block_size), bits), scales
+
+
+def activation_scale(amax: float, bits: int = 8) -> np.float32:
+    return np.float32(_safe_scale(np.asarray(amax, dtype=np.float64), bits))

@@ -1,0 +1,84 @@
+"""Targets are data: a TOML file per backend/device saying what runs there and how to run it."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tomllib
+
+from mpqc.errors import MpqcError
+from mpqc.precision import PRECISIONS, Precision
+
+# Targets shipped with mpqc sit beside the package (repo checkout) or inside it (installed wheel).
+_BUNDLED_DIRS = (
+    pathlib.Path(__file__).resolve().parent / "targets",
+    pathlib.Path(__file__).resolve().parent.parent / "targets",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str
+    device: str
+    runtime: dict
+    quantize_layer_outputs: bool
+    int4_block_size: int
+    deploy: dict[str, tuple[str, ...]]  # op type -> precisions with a real kernel
+    evaluate: dict[str, tuple[str, ...]]  # op type -> precisions that can be run numerically
+    path: pathlib.Path
+
+    def precisions_for(self, op_type: str, *, deployable_only: bool = True) -> tuple[Precision, ...]:
+        table = self.deploy if deployable_only else self.evaluate
+        return tuple(PRECISIONS[name] for name in table.get(op_type, ("fp32",)))
+
+    def check_precision(self, op_type: str, precision: Precision, *, deployable_only: bool, layer: str) -> None:
+        allowed = [p.name for p in self.precisions_for(op_type, deployable_only=deployable_only)]
+        if precision.name not in allowed:
+            what = "deploys" if deployable_only else "can evaluate"
+            hint = "" if not deployable_only else " (pass --evaluate-only to build it for accuracy studies)"
+            raise MpqcError(
+                f"layer '{layer}' ({op_type}) asks for {precision.name}, but target '{self.name}' "
+                f"{what} only {', '.join(allowed)} for {op_type}{hint}"
+            )
+
+
+def find_target_file(name_or_path: str) -> pathlib.Path:
+    candidate = pathlib.Path(name_or_path)
+    if candidate.suffix == ".toml":
+        if candidate.is_file():
+            return candidate
+        raise MpqcError(f"target file '{name_or_path}' does not exist")
+    for folder in _BUNDLED_DIRS:
+        path = folder / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    known = sorted({p.stem for folder in _BUNDLED_DIRS if folder.is_dir() for p in folder.glob("*.toml")})
+    raise MpqcError(f"unknown target '{name_or_path}': use one of {', '.join(known)} or a path to a .toml file")
+
+
+def load_target(name_or_path: str) -> Target:
+    path = find_target_file(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise MpqcError(f"target file '{path}' is not valid TOML: {exc}") from None
+    lowering = data.get("lowering", {})
+    deploy = {op: tuple(names) for op, names in data.get("deploy", {}).items()}
+    evaluate = {op: tuple(names) for op, names in data.get("evaluate", deploy).items()}
+    for table in (deploy, evaluate):
+        for op, names in table.items():
+            unknown = [n for n in names if n not in PRECISIONS]
+            if unknown:
+                raise MpqcError(f"target '{path}' lists unknown precision(s) {unknown} for {op}")
+    return Target(
+        name=data.get("name", path.stem),
+        backend=data.get("backend", "onnxruntime"),
+        device=data.get("device", "cpu"),
+        runtime=data.get("runtime", {}),
+        quantize_layer_outputs=bool(lowering.get("quantize_layer_outputs", False)),
+        int4_block_size=int(lowering.get("int4_block_size", 64)),
+        deploy=deploy,
+        evaluate=evaluate,
+        path=path,
+    )
