@@ -14,9 +14,13 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+# Below this a channel is treated as all zeros: its scale would underflow float32.
+MIN_AMAX = np.float32(1e-30)
+
+
 def _safe_scale(amax: np.ndarray, bits: int) -> np.ndarray:
     # An all-zero channel still needs a positive scale; any value dequantizes zeros exactly.
-    amax = np.where(amax > 0, amax, 1.0)
+    amax = np.where(amax > MIN_AMAX, amax, 1.0)
     return (amax / qmax(bits)).astype(np.float32)
 
 

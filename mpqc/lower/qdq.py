@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common
 
 from mpqc.lower import numerics
 from mpqc.passes.layers import Layer
@@ -26,7 +27,6 @@ def lower(model: ir.Model, layers: list[Layer], policy: Policy, target: Target, 
     graph = model.graph
     nodes = {node.name: node for node in graph}
     values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
-    quantized_inputs: dict[str, ir.Value] = {}
     for layer in layers:
         p = policy.precision_of(layer.name)
         if p.is_float:
@@ -38,16 +38,15 @@ def lower(model: ir.Model, layers: list[Layer], policy: Policy, target: Target, 
         _quantize_weight(graph, node, layer, p.weight_bits, target.int4_block_size if p.weight_granularity == "block" else None)
         if p.quantizes_activations:
             source = values[layer.activation]
-            if source.name not in quantized_inputs:
-                quantized_inputs[source.name] = _qdq(graph, source, amax[source.name], f"{layer.name}.input")
-            node.replace_input_with(0, quantized_inputs[source.name])
+            node.replace_input_with(0, _qdq(graph, source, amax[source.name], f"{layer.name}.input"))
     if target.quantize_layer_outputs:
         for layer in layers:
             p = policy.precision_of(layer.name)
             if p.quantizes_activations:
-                _quantize_output(graph, nodes[layer.name], amax[layer.output], quantized_inputs, f"{layer.name}.output")
+                _quantize_output(graph, nodes[layer.name], amax[layer.output], f"{layer.name}.output")
     graph.sort()
-    return model
+    # The float weights that were replaced by integer ones are now unused.
+    return common.RemoveUnusedNodesPass()(model).model
 
 
 def quantized_tensors(layers: list[Layer], policy: Policy, target: Target) -> list[str]:
@@ -87,7 +86,12 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, bl
 
 
 def _qdq(graph: ir.Graph, source: ir.Value, amax: float, prefix: str) -> ir.Value:
-    """A Q/DQ pair on `source` (symmetric INT8, per tensor); returns the dequantized value."""
+    """A fresh Q/DQ pair (symmetric INT8, per tensor) on `source`; returns the dequantized value.
+
+    Each reader gets its own pair with its own scale and zero-point constants: ONNX Runtime fuses
+    DQ -> op -> Q units and converts INT8 activations to its UINT8 kernels only for pairs that
+    share nothing (a shared Q or zero point left the first convs of a residual block unfused).
+    """
     scale = _constant(graph, f"{prefix}.scale", numerics.activation_scale(amax))
     zero = _constant(graph, f"{prefix}.zero_point", np.zeros((), dtype=np.int8), ir.DataType.INT8)
     q = ir.node("QuantizeLinear", [source, scale, zero], name=f"{prefix}.q")
@@ -100,21 +104,18 @@ def _qdq(graph: ir.Graph, source: ir.Value, amax: float, prefix: str) -> ir.Valu
     return dq.outputs[0]
 
 
-def _quantize_output(graph: ir.Graph, node: ir.Node, amax: float, quantized: dict[str, ir.Value], prefix: str) -> None:
+def _quantize_output(graph: ir.Graph, node: ir.Node, amax: float, prefix: str) -> None:
+    """Q/DQ on every float reader of a quantized layer's output (readers that quantize already are skipped)."""
     output = node.outputs[0]
     consumers = [(user, index) for user, index in output.uses() if user.op_type != "QuantizeLinear"]
-    if not consumers and not output.is_graph_output():
-        return  # every reader already quantizes this tensor: that Q is the layer's output Q
-    dequantized = quantized.get(output.name) or _qdq(graph, output, amax, prefix)
-    for user, index in consumers:
-        if user.op_type == "QuantizeLinear" and user.inputs[index] is output:
-            continue
-        user.replace_input_with(index, dequantized)
+    for i, (user, index) in enumerate(consumers):
+        user.replace_input_with(index, _qdq(graph, output, amax, f"{prefix}.{i}"))
     if output.is_graph_output():
-        # Graph outputs keep their names: the DQ takes the name, the layer output a new one.
+        # Graph outputs keep their names: a final DQ takes the name, the layer output a new one.
         name = output.name
-        graph.outputs[graph.outputs.index(output)] = dequantized
-        output.name, dequantized.name = f"{prefix}.float", name
+        final = _qdq(graph, output, amax, f"{prefix}.final")
+        graph.outputs[graph.outputs.index(output)] = final
+        output.name, final.name = f"{prefix}.float", name
 
 
 def _gemm_to_matmul(graph: ir.Graph, gemm: ir.Node) -> ir.Node:

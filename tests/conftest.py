@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny residual torch model (exported by mpqc's own frontend) and its proxy data."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+
+TINYNET = textwrap.dedent(
+    """
+    import torch
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+            self.bn1 = torch.nn.BatchNorm2d(16)
+            self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.down = torch.nn.Conv2d(3, 16, 1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = torch.relu(self.conv2(y) + self.down(x))
+            return self.fc(y.mean((2, 3)))
+
+    def make():
+        torch.manual_seed(0)
+        model = TinyNet()
+        with torch.no_grad():
+            model.bn1.running_mean.uniform_(-0.5, 0.5)
+            model.bn1.running_var.uniform_(0.5, 2.0)
+        return model.eval(), torch.randn(1, 3, 16, 16)
+    """
+)
+
+
+@pytest.fixture()
+def tinynet(tmp_path, monkeypatch):
+    """Writes tinynet.py and proxy.npz into a working folder and returns (spec, proxy path)."""
+    (tmp_path / "tinynet.py").write_text(TINYNET)
+    np.savez(tmp_path / "proxy.npz", input=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "tinynet:make", tmp_path / "proxy.npz"
