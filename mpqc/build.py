@@ -22,12 +22,12 @@ import onnx_ir as ir
 from mpqc.backends.ort_runner import OrtRunner
 from mpqc.bench.fidelity import output_agreement
 from mpqc.bench.latency import first_batch, measure_latency
-from mpqc.calibrate.ranges import calibrate
+from mpqc.calibrate.ranges import calibrate, channel_means
 from mpqc.data.feeds import check_feeds, feeds_sha256, load_npz
 from mpqc.errors import MpqcError
 from mpqc.frontend.resolve import LoadedModel, resolve_model
 from mpqc.frontend.torch_export import module_map
-from mpqc.lower.qdq import lower, quantized_tensors
+from mpqc.lower.qdq import lower, mean_tensors, plan_activation_quantizers
 from mpqc.passes.layers import Layer, find_layers
 from mpqc.passes.pipeline import canonicalize
 from mpqc.passes.signatures import layer_signature
@@ -49,6 +49,7 @@ class BuildOptions:
     percentile: float = 99.99
     seed: int = 0
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
+    bias_correction: bool = True
     measure: bool = True  # time FP32 vs built and compute fidelity
     batch: int = 1
     runs: int = 100
@@ -117,17 +118,21 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
 
     policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
     float_model = ir.to_proto(analysis.model)
-    needed = quantized_tensors(analysis.layers, policy, target)
-    feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needed or options.proxy else ({}, None))
+    sites = plan_activation_quantizers(analysis.model, analysis.layers, policy, target)
+    needed = [site.value for site in sites]
+    corrected = mean_tensors(analysis.layers, policy) if options.bias_correction else {}
+    feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needed or corrected or options.proxy else ({}, None))
 
     clock = time.perf_counter()
-    amax = calibrate(float_model, needed, feeds, options.calibration, options.percentile)
+    ranges = calibrate(float_model, needed, feeds, options.calibration, options.percentile)
+    means = channel_means(float_model, corrected, feeds)
+    input_means = {layer.name: means[layer.activation] for layer in analysis.layers if layer.activation in means}
     timings["calibration_s"] = time.perf_counter() - clock
-    if needed and not all(np.isfinite(v) for v in amax.values()):
+    if not all(np.isfinite(v).all() for v in ranges.values()):
         raise MpqcError("calibration produced non-finite ranges: the model overflows on the proxy data")
 
     clock = time.perf_counter()
-    built_model = ir.to_proto(lower(analysis.model, analysis.layers, policy, target, amax))
+    built_model = ir.to_proto(lower(analysis.model, analysis.layers, policy, target, sites, ranges, input_means))
     onnx.checker.check_model(built_model)
     model_bytes = built_model.SerializeToString(deterministic=True)
     timings["lowering_s"] = time.perf_counter() - clock
@@ -140,7 +145,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         "options": dataclasses.asdict(options),
         "proxy": {"origin": proxy_origin, "samples": len(next(iter(feeds.values()))) if feeds else 0,
                   "sha256": feeds_sha256(feeds) if feeds else None},
-        "calibration": {"method": options.calibration, "tensors": len(needed)},
+        "calibration": {"method": options.calibration, "tensors": len(needed), "bias_correction": bool(input_means)},
         "layers": _layer_rows(analysis, policy, target),
         "ties": [list(group) for group in analysis.ties],
         "artifacts": {"model.qdq.onnx": hashlib.sha256(model_bytes).hexdigest()},

@@ -23,6 +23,7 @@ def _build_options(args, policy: str):
         percentile=args.percentile,
         seed=args.seed,
         evaluate_only=args.evaluate_only,
+        bias_correction=not args.no_bias_correction,
         measure=not args.no_measure,
         batch=args.batch,
         runs=args.runs,
@@ -112,6 +113,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--percentile", type=float, default=99.99)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
+    parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
     parser.add_argument("--no-measure", action="store_true", help="skip latency and fidelity measurement")
     _add_timing_arguments(parser)
 

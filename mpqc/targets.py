@@ -23,6 +23,7 @@ class Target:
     device: str
     runtime: dict
     quantize_layer_outputs: bool
+    activation_type: str  # "int8" (symmetric, zero point 0) or "uint8" (asymmetric)
     int4_block_size: int
     deploy: dict[str, tuple[str, ...]]  # op type -> precisions with a real kernel
     evaluate: dict[str, tuple[str, ...]]  # op type -> precisions that can be run numerically
@@ -77,8 +78,15 @@ def load_target(name_or_path: str) -> Target:
         device=data.get("device", "cpu"),
         runtime=data.get("runtime", {}),
         quantize_layer_outputs=bool(lowering.get("quantize_layer_outputs", False)),
+        activation_type=_activation_type(lowering.get("activation_type", "int8"), path),
         int4_block_size=int(lowering.get("int4_block_size", 64)),
         deploy=deploy,
         evaluate=evaluate,
         path=path,
     )
+
+
+def _activation_type(name: str, path: pathlib.Path) -> str:
+    if name not in ("int8", "uint8"):
+        raise MpqcError(f"target '{path}': activation_type must be int8 or uint8, not '{name}'")
+    return name

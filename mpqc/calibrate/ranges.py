@@ -1,8 +1,8 @@
 """Activation ranges on proxy data, streamed batch by batch so memory stays flat.
 
-`minmax` keeps the largest |x| seen. `percentile` takes a second pass: a histogram of |x| over
-[0, max] per tensor, and the value below which `percentile`% of all entries fall, which ignores
-the rare outliers that would otherwise stretch the INT8 grid.
+`minmax` keeps the smallest and largest value seen. `percentile` takes a second pass: a histogram
+of |x| over [0, max|x|] per tensor, and clips the range to the magnitude below which `percentile`%
+of all entries fall, which ignores the rare outliers that would otherwise stretch the INT8 grid.
 """
 
 from __future__ import annotations
@@ -24,26 +24,33 @@ def calibrate(
     method: str = "minmax",
     percentile: float = 99.99,
     batch_size: int = 16,
-) -> dict[str, float]:
-    """Per-tensor amax (the symmetric range) of `tensors` when the float model runs on `feeds`."""
+) -> dict[str, tuple[float, float]]:
+    """Per-tensor (low, high) of `tensors` when the float model runs on `feeds`."""
     if method not in METHODS:
         raise MpqcError(f"unknown calibration method '{method}': use one of {', '.join(METHODS)}")
     if not tensors:
         return {}
     session = _session_with_outputs(model, tensors)
-    amax = {name: 0.0 for name in tensors}
+    low = {name: 0.0 for name in tensors}
+    high = {name: 0.0 for name in tensors}
     for outputs in _run(session, tensors, feeds, batch_size):
         for name, value in zip(tensors, outputs):
             if value.size:
-                amax[name] = max(amax[name], float(np.abs(value).max()))
+                low[name] = min(low[name], float(value.min()))
+                high[name] = max(high[name], float(value.max()))
     if method == "minmax":
-        return amax
+        return {name: (low[name], high[name]) for name in tensors}
+    amax = {name: max(-low[name], high[name]) for name in tensors}
     hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
     for outputs in _run(session, tensors, feeds, batch_size):
         for name, value in zip(tensors, outputs):
             if amax[name] > 0:
                 hist[name] += np.histogram(np.abs(value), bins=_BINS, range=(0.0, amax[name]))[0]
-    return {name: _percentile_edge(hist[name], amax[name], percentile) for name in tensors}
+    ranges = {}
+    for name in tensors:
+        edge = _percentile_edge(hist[name], amax[name], percentile)
+        ranges[name] = (max(low[name], -edge), min(high[name], edge))
+    return ranges
 
 
 def _percentile_edge(hist: np.ndarray, amax: float, percentile: float) -> float:
@@ -71,3 +78,21 @@ def _run(session: ort.InferenceSession, tensors: list[str], feeds: dict[str, np.
     for start in range(0, count, batch_size):
         batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
         yield session.run(tensors, batch)
+
+
+def channel_means(
+    model: onnx.ModelProto, tensors: dict[str, int], feeds: dict[str, np.ndarray], batch_size: int = 16
+) -> dict[str, np.ndarray]:
+    """Mean of each tensor over every axis but its channel axis (`tensors` maps name -> channel axis)."""
+    if not tensors:
+        return {}
+    names = list(tensors)
+    session = _session_with_outputs(model, names)
+    sums: dict[str, np.ndarray] = {}
+    counts = dict.fromkeys(names, 0)
+    for outputs in _run(session, names, feeds, batch_size):
+        for name, value in zip(names, outputs):
+            moved = np.moveaxis(value, tensors[name], -1).reshape(-1, value.shape[tensors[name]])
+            sums[name] = sums.get(name, 0.0) + moved.sum(axis=0, dtype=np.float64)
+            counts[name] += moved.shape[0]
+    return {name: sums[name] / counts[name] for name in names}

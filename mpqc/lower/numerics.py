@@ -65,3 +65,20 @@ def quantize_weight(
 
 def activation_scale(amax: float, bits: int = 8) -> np.float32:
     return np.float32(_safe_scale(np.asarray(amax, dtype=np.float64), bits))
+
+
+def activation_params(low: float, high: float, activation_type: str) -> tuple[np.float32, np.ndarray]:
+    """(scale, zero point) of a per-tensor activation quantizer for the range [low, high].
+
+    "int8": symmetric, zero point 0 (TensorRT's only form). "uint8": asymmetric over [min(low, 0),
+    max(high, 0)]; a ReLU/ReLU6 output then gets zero point 0, which lets ONNX Runtime drop the
+    clamp and chain its integer kernels.
+    """
+    if activation_type == "int8":
+        return activation_scale(max(abs(low), abs(high))), np.zeros((), dtype=np.int8)
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high - low <= MIN_AMAX:
+        return np.float32(1.0), np.zeros((), dtype=np.uint8)
+    scale = np.float32((high - low) / 255.0)
+    zero_point = np.clip(np.rint(-low / float(scale)), 0, 255)
+    return scale, np.array(zero_point, dtype=np.uint8)

@@ -1,13 +1,17 @@
 """Lower a policy to one QDQ ONNX model.
 
-Placement follows TensorRT's explicit-quantization rules: symmetric INT8/INT4 with zero point 0,
-weights as constant integer tensors behind DequantizeLinear (per output channel, or block-wise
-along the reduction axis for INT4 weight-only MatMul), activations per tensor through one
-Quantize/Dequantize pair on each quantized layer's input. A target may also quantize layer
-outputs: ONNX Runtime's CPU kernels (QLinearConv, QLinearMatMul) only replace DQ -> op -> Q.
+Weights become constant integer tensors behind DequantizeLinear: symmetric, zero point 0, per
+output channel, or block-wise along the reduction axis for INT4 weight-only MatMul. Activations
+are quantized per tensor by one QuantizeLinear per tensor and one DequantizeLinear per reader, on
+the input of every layer that quantizes activations (TensorRT's explicit-quantization placement).
+A target may also quantize layer outputs (ONNX Runtime only replaces DQ -> op -> Q units with its
+integer kernels); the output quantizer then sits after a following ReLU/Clip, where TensorRT wants
+it too and where ONNX Runtime can fold the clamp into the zero point.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import ml_dtypes
 import numpy as np
@@ -15,18 +19,77 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from mpqc.lower import numerics
+from mpqc.lower.bias_correction import output_shift
 from mpqc.passes.layers import Layer
 from mpqc.policy import Policy
 from mpqc.targets import Target
 
 _STORAGE = {8: (np.int8, ir.DataType.INT8), 4: (ml_dtypes.int4, ir.DataType.INT4)}
+_CLAMPS = ("Relu", "Clip")
 
 
-def lower(model: ir.Model, layers: list[Layer], policy: Policy, target: Target, amax: dict[str, float]) -> ir.Model:
-    """Insert Q/DQ in place per `policy`; `amax` holds the calibrated range of every tensor to quantize."""
+@dataclasses.dataclass
+class ActivationSite:
+    """One activation tensor to quantize and the (node name, input index) pairs that read it quantized."""
+
+    value: str
+    readers: list[tuple[str, int]]
+    prefix: str
+
+
+def plan_activation_quantizers(model: ir.Model, layers: list[Layer], policy: Policy, target: Target) -> list[ActivationSite]:
+    """Where activation Q/DQ go, in a stable order; calibration measures exactly these tensors."""
+    graph = model.graph
+    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    sites: dict[str, ActivationSite] = {}
+
+    def add(value: ir.Value, readers: list[tuple[str, int]], prefix: str) -> None:
+        site = sites.setdefault(value.name, ActivationSite(value.name, [], prefix))
+        site.readers.extend(r for r in readers if r not in site.readers)
+
+    quantizing = [layer for layer in layers if policy.precision_of(layer.name).quantizes_activations]
+    # Layers the policy keeps float (fp32, weight-only) read float tensors. Fed a DQ with a Q after
+    # them, ONNX Runtime would quantize their weights itself and silently override the policy.
+    float_layers = {layer.name for layer in layers} - {layer.name for layer in quantizing}
+    for layer in quantizing:
+        add(values[layer.activation], [(layer.name, 0)], f"{layer.name}.input")
+    if target.quantize_layer_outputs:
+        for layer in quantizing:
+            end = _through_clamps(values[layer.output])
+            # A graph output stays float: quantizing logits or embeddings only adds error.
+            readers = [(user.name, index) for user, index in end.uses() if user.name not in float_layers]
+            if readers:
+                add(end, readers, f"{layer.name}.output")
+    return list(sites.values())
+
+
+def _through_clamps(value: ir.Value) -> ir.Value:
+    """Follow a layer output through a lone ReLU/Clip: the quantizer belongs after the clamp."""
+    while not value.is_graph_output() and len(value.uses()) == 1:
+        user = next(iter(value.uses()))[0]
+        if user.op_type not in _CLAMPS or user.domain not in ("", "ai.onnx"):
+            break
+        value = user.outputs[0]
+    return value
+
+
+def lower(
+    model: ir.Model,
+    layers: list[Layer],
+    policy: Policy,
+    target: Target,
+    sites: list[ActivationSite],
+    ranges: dict[str, tuple[float, float]],
+    input_means: dict[str, np.ndarray] | None = None,
+) -> ir.Model:
+    """Insert Q/DQ in place per `policy`; `ranges` holds the calibrated (low, high) of every site.
+
+    With `input_means` (layer name -> mean input per channel) each quantized layer's bias is
+    corrected for the mean error of its rounded weights.
+    """
+    input_means = input_means or {}
     graph = model.graph
     nodes = {node.name: node for node in graph}
-    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
     for layer in layers:
         p = policy.precision_of(layer.name)
         if p.is_float:
@@ -35,30 +98,30 @@ def lower(model: ir.Model, layers: list[Layer], policy: Policy, target: Target, 
         if p.weight_granularity == "block" and node.op_type == "Gemm":
             node = nodes[layer.name] = _gemm_to_matmul(graph, node)
             layer = _as_matmul_layer(layer)
-        _quantize_weight(graph, node, layer, p.weight_bits, target.int4_block_size if p.weight_granularity == "block" else None)
-        if p.quantizes_activations:
-            source = values[layer.activation]
-            node.replace_input_with(0, _qdq(graph, source, amax[source.name], f"{layer.name}.input"))
-    if target.quantize_layer_outputs:
-        for layer in layers:
-            p = policy.precision_of(layer.name)
-            if p.quantizes_activations:
-                _quantize_output(graph, nodes[layer.name], amax[layer.output], f"{layer.name}.output")
+        block_size = target.int4_block_size if p.weight_granularity == "block" else None
+        _quantize_weight(graph, node, layer, p.weight_bits, block_size, input_means.get(layer.name))
+    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    for site in sites:
+        low, high = ranges[site.value]
+        _quantize_activation(graph, values[site.value], site, nodes, *numerics.activation_params(low, high, target.activation_type))
     graph.sort()
     # The float weights that were replaced by integer ones are now unused.
     return common.RemoveUnusedNodesPass()(model).model
 
 
-def quantized_tensors(layers: list[Layer], policy: Policy, target: Target) -> list[str]:
-    """The activation tensors whose ranges the lowering needs, in a stable order."""
-    names: list[str] = []
-    for layer in layers:
-        p = policy.precision_of(layer.name)
-        if p.quantizes_activations:
-            names.append(layer.activation)
-            if target.quantize_layer_outputs:
-                names.append(layer.output)
-    return list(dict.fromkeys(names))
+def _quantize_activation(graph, value, site, nodes, scale_array, zero_array) -> None:
+    dtype = ir.DataType.INT8 if zero_array.dtype == np.int8 else ir.DataType.UINT8
+    scale = _constant(graph, f"{site.prefix}.scale", scale_array)
+    zero = _constant(graph, f"{site.prefix}.zero_point", zero_array, dtype)
+    q = ir.node("QuantizeLinear", [value, scale, zero], name=f"{site.prefix}.q")
+    q.outputs[0].name = f"{site.prefix}.quantized"
+    graph.append(q)
+    for i, (reader, index) in enumerate(site.readers):
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{site.prefix}.dq{i}")
+        dq.outputs[0].name = f"{site.prefix}.dequantized{i}"
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
+        graph.append(dq)
+        nodes[reader].replace_input_with(index, dq.outputs[0])
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
@@ -67,10 +130,17 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType 
     return value
 
 
-def _quantize_weight(graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, block_size: int | None) -> None:
+def _quantize_weight(
+    graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, block_size: int | None, input_mean: np.ndarray | None
+) -> None:
     weight = node.inputs[1].const_value.numpy().astype(np.float32)
     block_axis = layer.reduction_axis if block_size is not None else None
     q, scales = numerics.quantize_weight(weight, bits, layer.channel_axis, block_axis, block_size)
+    if input_mean is not None:
+        scale_axis = layer.channel_axis if block_size is None else block_axis
+        dequantized = q * numerics.expand_scales(scales, weight.shape, scale_axis, block_size)
+        groups = node.attributes.get_int("group", 1) if layer.op_type == "Conv" else 1
+        _subtract_from_bias(graph, node, layer, output_shift(layer, weight, dequantized, input_mean, groups))
     storage, dtype = _STORAGE[bits]
     prefix = f"{layer.name}.weight"
     q_value = _constant(graph, f"{prefix}.q", q.astype(storage), dtype)
@@ -85,37 +155,26 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, bl
     node.replace_input_with(1, dq.outputs[0])
 
 
-def _qdq(graph: ir.Graph, source: ir.Value, amax: float, prefix: str) -> ir.Value:
-    """A fresh Q/DQ pair (symmetric INT8, per tensor) on `source`; returns the dequantized value.
-
-    Each reader gets its own pair with its own scale and zero-point constants: ONNX Runtime fuses
-    DQ -> op -> Q units and converts INT8 activations to its UINT8 kernels only for pairs that
-    share nothing (a shared Q or zero point left the first convs of a residual block unfused).
-    """
-    scale = _constant(graph, f"{prefix}.scale", numerics.activation_scale(amax))
-    zero = _constant(graph, f"{prefix}.zero_point", np.zeros((), dtype=np.int8), ir.DataType.INT8)
-    q = ir.node("QuantizeLinear", [source, scale, zero], name=f"{prefix}.q")
-    q.outputs[0].name = f"{prefix}.quantized"
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{prefix}.dq")
-    dq.outputs[0].name = f"{prefix}.dequantized"
-    dq.outputs[0].shape, dq.outputs[0].type = source.shape, source.type
-    graph.append(q)
-    graph.append(dq)
-    return dq.outputs[0]
-
-
-def _quantize_output(graph: ir.Graph, node: ir.Node, amax: float, prefix: str) -> None:
-    """Q/DQ on every float reader of a quantized layer's output (readers that quantize already are skipped)."""
-    output = node.outputs[0]
-    consumers = [(user, index) for user, index in output.uses() if user.op_type != "QuantizeLinear"]
-    for i, (user, index) in enumerate(consumers):
-        user.replace_input_with(index, _qdq(graph, output, amax, f"{prefix}.{i}"))
-    if output.is_graph_output():
-        # Graph outputs keep their names: a final DQ takes the name, the layer output a new one.
-        name = output.name
-        final = _qdq(graph, output, amax, f"{prefix}.final")
-        graph.outputs[graph.outputs.index(output)] = final
-        output.name, final.name = f"{prefix}.float", name
+def _subtract_from_bias(graph: ir.Graph, node: ir.Node, layer: Layer, shift: np.ndarray) -> None:
+    """Fold -shift into the layer's bias: Conv/Gemm's own bias input, or the Add right after a MatMul."""
+    name = f"{layer.name}.bias_corrected"
+    if layer.op_type in ("Conv", "Gemm"):
+        factor = node.attributes.get_float("beta", 1.0) if layer.op_type == "Gemm" else 1.0
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and (bias.const_value is None or bias.const_value.numpy().size != shift.size):
+            return  # a computed or broadcast bias: leave it alone
+        old = bias.const_value.numpy() if bias is not None else np.zeros(shift.shape, np.float32)
+        node.resize_inputs(3)
+        node.replace_input_with(2, _constant(graph, name, (old - shift / factor).astype(np.float32)))
+        return
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or uses[0][0].op_type != "Add" or node.outputs[0].is_graph_output():
+        return
+    add, index = uses[0]
+    other = add.inputs[1 - index]
+    if other is None or other.const_value is None or other.const_value.numpy().size != shift.size:
+        return
+    add.replace_input_with(1 - index, _constant(graph, name, (other.const_value.numpy() - shift).astype(np.float32)))
 
 
 def _gemm_to_matmul(graph: ir.Graph, gemm: ir.Node) -> ir.Node:
@@ -144,3 +203,12 @@ def _gemm_to_matmul(graph: ir.Graph, gemm: ir.Node) -> ir.Node:
 def _as_matmul_layer(layer: Layer) -> Layer:
     k_n = (layer.weight_shape[layer.reduction_axis], layer.weight_shape[layer.channel_axis])
     return Layer(layer.name, "MatMul", layer.activation, f"{layer.name}.weight_kn", layer.output, k_n, 1, 0)
+
+
+def mean_tensors(layers: list[Layer], policy: Policy) -> dict[str, int]:
+    """Inputs whose per-channel means bias correction needs: tensor -> channel axis."""
+    return {
+        layer.activation: 1 if layer.op_type == "Conv" else -1
+        for layer in layers
+        if not policy.precision_of(layer.name).is_float
+    }
