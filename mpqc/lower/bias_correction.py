@@ -2,8 +2,8 @@
 weights causes, using each layer's mean input per channel on the proxy data.
 
 Rounding errors do not average out: for a layer y = W x + b, E[y_q - y] = (W_q - W) E[x], and in
-depthwise-heavy nets that shift compounds from layer to layer. On EfficientNet-Lite0, INT8
-per-channel weights alone took the logits' SQNR from 17.7 dB to 27.3 dB once corrected.
+depthwise-heavy nets that shift compounds from layer to layer (benchmarks/examples.py measures
+EfficientNet-Lite0 with and without it).
 """
 
 from __future__ import annotations

@@ -206,9 +206,14 @@ def _as_matmul_layer(layer: Layer) -> Layer:
 
 
 def mean_tensors(layers: list[Layer], policy: Policy) -> dict[str, int]:
-    """Inputs whose per-channel means bias correction needs: tensor -> channel axis."""
+    """Inputs whose per-channel means bias correction needs: tensor -> channel axis.
+
+    Conv and Gemm only. MatMul layers read token sequences whose mean is dominated by padding
+    positions the model masks out; correcting MiniLM's MatMuls with that mean made its INT4
+    weight-only embeddings worse, not better.
+    """
     return {
         layer.activation: 1 if layer.op_type == "Conv" else -1
         for layer in layers
-        if not policy.precision_of(layer.name).is_float
+        if layer.op_type in ("Conv", "Gemm") and not policy.precision_of(layer.name).is_float
     }

@@ -1,0 +1,123 @@
+"""`mpqc` end to end: the commands a build step runs, their JSON, determinism and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from mpqc.cli import main
+
+
+def _run_json(capsys, *argv) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_build_the_mnist_example_on_ort_cpu(tmp_path, capsys):
+    out = tmp_path / "build"
+    result = _run_json(capsys, "build", "mnist-cnn", "--target", "ort-cpu", "--out", str(out), "--runs", "5", "--warmup", "1")
+    record = result["build"]
+    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md"}
+    assert json.loads((out / "build.json").read_text()) == record
+    fidelity = record["measured"]["fidelity"]
+    assert fidelity["reference_accuracy"] >= 0.985
+    assert fidelity["accuracy_drop"] <= 0.5  # points
+    assert record["measured"]["latency_built"]["runs"] == 5
+    assert set(record["policy"]["counts"]) == {"w8a8"}
+    assert [row["torch_module"] for row in record["layers"]][:2] == ["stem.conv", "block1.conv1"]
+    assert "| built |" in (out / "report.md").read_text()
+
+
+def test_same_inputs_give_the_same_bytes_and_export_reproduces_the_build(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    common = ["--proxy", str(proxy), "--no-measure"]
+    _run_json(capsys, "build", spec, "--out", str(tmp_path / "a"), "--policy", "uniform:w8a8", *common)
+    _run_json(capsys, "build", spec, "--out", str(tmp_path / "b"), "--policy", "uniform:w8a8", *common)
+    _run_json(capsys, "export", spec, "--out", str(tmp_path / "c"), "--policy", str(tmp_path / "a" / "policy.json"), *common)
+    for name in ("model.qdq.onnx", "policy.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "model.qdq.onnx").read_bytes() == (tmp_path / "c" / "model.qdq.onnx").read_bytes()
+
+
+def test_bench_and_inspect(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    _run_json(capsys, "build", spec, "--out", str(tmp_path / "a"), "--proxy", str(proxy), "--no-measure")
+    bench = _run_json(capsys, "bench", str(tmp_path / "a" / "model.qdq.onnx"), "--runs", "5", "--batch", "4")
+    latency = bench["latency"]
+    assert latency["batch"] == 4 and latency["threads"] == 2
+    assert 0 < latency["min_ms"] <= latency["median_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+    inspect = _run_json(capsys, "inspect", spec)
+    assert [row["name"] for row in inspect["layers"]] == ["conv1", "conv2", "down", "fc"]
+    assert inspect["ties"] == [["conv1", "down"]]
+
+
+def test_the_installed_command_prints_a_summary(tinynet, tmp_path):
+    spec, proxy = tinynet
+    done = subprocess.run(
+        [sys.executable, "-m", "mpqc.cli", "build", spec, "--proxy", str(proxy), "--out", str(tmp_path / "o"), "--runs", "3"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "latency (batch 1" in done.stdout and "fidelity vs fp32" in done.stdout
+
+
+def _onnx_without_layers(path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+
+
+def _bad_inputs(tmp_path, proxy):
+    x = np.load(proxy)["input"]
+    np.savez(tmp_path / "nan.npz", input=np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x).astype(np.float32))
+    np.savez(tmp_path / "empty.npz", input=x[:0])
+    np.savez(tmp_path / "shape.npz", input=x[:, :, :8, :8])
+    np.savez(tmp_path / "name.npz", pixels=x)
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07not really a model" * 10)
+    _onnx_without_layers(tmp_path / "relu.onnx")
+    (tmp_path / "ghost.json").write_text(json.dumps({"layers": {"conv9": "w8a8"}}))
+    (tmp_path / "split.json").write_text(json.dumps({"layers": {"conv1": "w8a8", "down": "fp32"}}))
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "notes.txt").write_text("keep me")
+
+
+BAD = [
+    (["build", "missing.onnx"], "does not exist"),
+    (["build", "corrupt.onnx"], "not a readable ONNX model"),
+    (["build", "relu.onnx"], "no quantizable layers"),
+    (["build", "tinynet:make", "--proxy", "nan.npz"], "NaN"),
+    (["build", "tinynet:make", "--proxy", "empty.npz"], "empty"),
+    (["build", "tinynet:make", "--proxy", "shape.npz"], "the model wants Nx3x16x16"),
+    (["build", "tinynet:make", "--proxy", "name.npz"], "lacks input(s) input"),
+    (["build", "tinynet:make", "--proxy", "missing.npz"], "does not exist"),
+    (["build", "tinynet:make"], "needs proxy data"),
+    (["build", "tinynet:make", "--proxy", "proxy.npz", "--target", "tpu-v9"], "unknown target 'tpu-v9'"),
+    (["build", "tinynet:make", "--proxy", "proxy.npz", "--policy", "uniform:w3a3"], "unknown precision 'w3a3'"),
+    (["build", "tinynet:make", "--proxy", "proxy.npz", "--policy", "ghost.json"], "not in the model: conv9"),
+    (["build", "tinynet:make", "--proxy", "proxy.npz", "--policy", "split.json"], "must have one precision"),
+    (["build", "nomodule:make"], "cannot load factory"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tinynet, tmp_path, capsys, argv, message):
+    _, proxy = tinynet
+    _bad_inputs(tmp_path, proxy)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([*argv, "--out", "result"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mpqc: error: ") and message in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out folder, no staging left behind
+
+
+def test_an_occupied_out_folder_is_never_replaced(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    _bad_inputs(tmp_path, proxy)
+    assert main(["build", spec, "--proxy", str(proxy), "--out", "occupied"]) == 2
+    assert "not an mpqc build folder" in capsys.readouterr().err
+    assert (tmp_path / "occupied" / "notes.txt").read_text() == "keep me"
