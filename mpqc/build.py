@@ -104,6 +104,43 @@ def proxy_feeds(options: BuildOptions, loaded: LoadedModel) -> tuple[dict[str, n
     return feeds, origin
 
 
+@dataclasses.dataclass
+class Lowering:
+    """Calibrated once, lowers any number of policies (profiling and validation lower dozens).
+
+    Ranges and channel means are per tensor, so measuring every tensor any policy could quantize
+    gives each policy exactly the numbers a build of that policy alone would use.
+    """
+
+    analysis: Analysis
+    target: Target
+    float_model: onnx.ModelProto
+    ranges: dict[str, tuple[float, float]]
+    input_means: dict[str, np.ndarray]
+
+    @classmethod
+    def prepare(cls, analysis: Analysis, target: Target, feeds: dict[str, np.ndarray], options: BuildOptions) -> "Lowering":
+        float_model = ir.to_proto(analysis.model)
+        everything = Policy(tuple((layer.name, "w8a8") for layer in analysis.layers), "all sites")
+        tensors = [site.value for site in plan_activation_quantizers(analysis.model, analysis.layers, everything, target)]
+        corrected = mean_tensors(analysis.layers, everything) if options.bias_correction else {}
+        if not feeds:
+            return cls(analysis, target, float_model, {}, {})
+        ranges = calibrate(float_model, tensors, feeds, options.calibration, options.percentile)
+        if not all(np.isfinite(v).all() for v in ranges.values()):
+            raise MpqcError("calibration produced non-finite ranges: the model overflows on the proxy data")
+        means = channel_means(float_model, corrected, feeds)
+        input_means = {layer.name: means[layer.activation] for layer in analysis.layers if layer.activation in means}
+        return cls(analysis, target, float_model, ranges, input_means)
+
+    def lower(self, policy: Policy) -> bytes:
+        model = ir.from_proto(self.float_model)  # lowering rewrites in place: start from the float model
+        sites = plan_activation_quantizers(model, self.analysis.layers, policy, self.target)
+        built = ir.to_proto(lower(model, self.analysis.layers, policy, self.target, sites, self.ranges, self.input_means))
+        onnx.checker.check_model(built)
+        return built.SerializeToString(deterministic=True)
+
+
 def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     """Run the whole build; write the artifacts to `out` (if given) and return build.json's content."""
     if out is not None:
@@ -117,25 +154,17 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     timings["frontend_and_passes_s"] = time.perf_counter() - clock
 
     policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
-    float_model = ir.to_proto(analysis.model)
-    sites = plan_activation_quantizers(analysis.model, analysis.layers, policy, target)
-    needed = [site.value for site in sites]
-    corrected = mean_tensors(analysis.layers, policy) if options.bias_correction else {}
-    feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needed or corrected or options.proxy else ({}, None))
+    needs_data = any(not policy.precision_of(name).is_float for name in policy.as_dict)
+    feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needs_data or options.proxy else ({}, None))
 
     clock = time.perf_counter()
-    ranges = calibrate(float_model, needed, feeds, options.calibration, options.percentile)
-    means = channel_means(float_model, corrected, feeds)
-    input_means = {layer.name: means[layer.activation] for layer in analysis.layers if layer.activation in means}
+    lowering = Lowering.prepare(analysis, target, feeds, options)
     timings["calibration_s"] = time.perf_counter() - clock
-    if not all(np.isfinite(v).all() for v in ranges.values()):
-        raise MpqcError("calibration produced non-finite ranges: the model overflows on the proxy data")
 
     clock = time.perf_counter()
-    built_model = ir.to_proto(lower(analysis.model, analysis.layers, policy, target, sites, ranges, input_means))
-    onnx.checker.check_model(built_model)
-    model_bytes = built_model.SerializeToString(deterministic=True)
+    model_bytes = lowering.lower(policy)
     timings["lowering_s"] = time.perf_counter() - clock
+    float_model = lowering.float_model
 
     record = {
         "format": "mpqc.build/1",
@@ -145,7 +174,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         "options": dataclasses.asdict(options),
         "proxy": {"origin": proxy_origin, "samples": len(next(iter(feeds.values()))) if feeds else 0,
                   "sha256": feeds_sha256(feeds) if feeds else None},
-        "calibration": {"method": options.calibration, "tensors": len(needed), "bias_correction": bool(input_means)},
+        "calibration": {"method": options.calibration, "tensors": len(lowering.ranges), "bias_correction": options.bias_correction},
         "layers": _layer_rows(analysis, policy, target),
         "ties": [list(group) for group in analysis.ties],
         "artifacts": {"model.qdq.onnx": hashlib.sha256(model_bytes).hexdigest()},
