@@ -50,6 +50,12 @@ class BuildOptions:
     seed: int = 0
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
     bias_correction: bool = True
+    # --policy search: the ILP chooses per layer under these budgets (any combination).
+    method: str = "qerror"
+    budget_ms: float | None = None
+    budget_bitops: float | None = None
+    budget_bytes: float | None = None
+    tables: str | None = None  # folder of latency tables (default: beside the target file)
     measure: bool = True  # time FP32 vs built and compute fidelity
     batch: int = 1
     runs: int = 100
@@ -83,7 +89,11 @@ class Analysis:
 
 
 def analyze(spec: str) -> Analysis:
-    loaded = resolve_model(spec)
+    return analyze_loaded(resolve_model(spec))
+
+
+def analyze_loaded(loaded: LoadedModel) -> Analysis:
+    spec = loaded.spec
     model = canonicalize(loaded.model)
     layers = find_layers(model)
     if not layers:
@@ -153,9 +163,18 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     analysis = analyze(options.model)
     timings["frontend_and_passes_s"] = time.perf_counter() - clock
 
-    policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
-    needs_data = any(not policy.precision_of(name).is_float for name in policy.as_dict)
-    feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needs_data or options.proxy else ({}, None))
+    search = None
+    if options.policy == "search":
+        from mpqc.search.policy_search import search_policy  # the search pulls in torch and scipy
+
+        feeds, proxy_origin = proxy_feeds(options, analysis.loaded)
+        clock = time.perf_counter()
+        policy, search = search_policy(analysis, target, ir.to_proto(analysis.model), feeds, options)
+        timings["search_s"] = time.perf_counter() - clock
+    else:
+        policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
+        needs_data = any(not policy.precision_of(name).is_float for name in policy.as_dict)
+        feeds, proxy_origin = (proxy_feeds(options, analysis.loaded) if needs_data or options.proxy else ({}, None))
 
     clock = time.perf_counter()
     lowering = Lowering.prepare(analysis, target, feeds, options)
@@ -182,8 +201,13 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         "machine": machine(),
         "seed": options.seed,
     }
+    if search is not None:
+        record["search"] = search
     if options.measure:
         record["measured"] = _measure(options, analysis.loaded, target, float_model, model_bytes, feeds, timings)
+        if options.budget_ms is not None:
+            record["search"]["measured_ms"] = record["measured"]["latency_built"]["median_ms"]
+            record["search"]["budget_met"] = record["search"]["measured_ms"] <= options.budget_ms
     record["timings"] = timings
     if out is not None:
         _write_atomically(out, model_bytes, policy, record)

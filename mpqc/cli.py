@@ -24,6 +24,11 @@ def _build_options(args, policy: str):
         seed=args.seed,
         evaluate_only=args.evaluate_only,
         bias_correction=not args.no_bias_correction,
+        method=args.method,
+        budget_ms=args.budget_ms,
+        budget_bitops=args.budget_bitops,
+        budget_bytes=args.budget_bytes,
+        tables=args.tables,
         measure=not args.no_measure,
         batch=args.batch,
         runs=args.runs,
@@ -34,6 +39,10 @@ def _build_options(args, policy: str):
 def _summary(record: dict, out: pathlib.Path) -> str:
     lines = [f"built {record['model']['spec']} for {record['target']['name']} -> {out}",
              "  policy: " + ", ".join(f"{n} x {p}" for p, n in record["policy"]["counts"].items())]
+    search = record.get("search")
+    if search and search.get("predicted_ms") is not None:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[search.get("budget_met")]
+        lines.append(f"  latency budget {search['budgets']['ms']:.3f} ms: predicted {search['predicted_ms']:.3f} ms, {verdict}")
     measured = record.get("measured")
     if measured:
         fp32, built = measured["latency_fp32"], measured["latency_built"]
@@ -103,6 +112,76 @@ def cmd_inspect(args) -> dict:
     return {"model": args.model, "target": target.name, "layers": rows, "ties": [list(g) for g in analysis.ties], "_text": "\n".join(lines)}
 
 
+def _costmodel_inputs(args):
+    """Analysis, target, table and the two data sets profiling and validation need."""
+    from mpqc.bench.inputs import synthetic_feeds
+    from mpqc.bench.latency import first_batch
+    from mpqc.build import BuildOptions, analyze, proxy_feeds
+    from mpqc.costmodel.table import LatencyTable
+    from mpqc.targets import load_target
+
+    target = load_target(args.target)
+    analysis = analyze(args.model)
+    options = BuildOptions(model=args.model, target=args.target, proxy=args.proxy)
+    if args.proxy or analysis.loaded.example is not None:
+        calibration, _ = proxy_feeds(options, analysis.loaded)
+    else:  # ranges change numbers, not speed: a fixed-seed synthetic batch is enough to time
+        calibration = synthetic_feeds(analysis.loaded.model, 8)
+    if analysis.loaded.example is not None:
+        timing = first_batch(analysis.loaded.example.eval_feeds()[0], args.batch)
+    else:
+        timing = synthetic_feeds(analysis.loaded.model, args.batch)
+    return analysis, target, LatencyTable.for_target(target, args.tables), options, calibration, timing
+
+
+def cmd_profile(args) -> dict:
+    from mpqc.costmodel.profile import profile
+
+    analysis, target, table, options, calibration, timing = _costmodel_inputs(args)
+    result = profile(analysis, target, table, {"calibration": calibration, "timing": timing}, args.batch, options,
+                     fit_policies=args.fit_policies, force=args.force, progress=not args.json)
+    counts, fit = result["layers"], result["fit"]
+    result["_text"] = (
+        f"profiled {args.model} on {target.name} (batch {args.batch}): {counts['distinct']} layer measurements, "
+        f"{counts['measured']} new, {counts['reused']} reused\n"
+        f"  boundary ms per edge (float->int8, int8->float, int8->int8): "
+        f"{fit['boundary_ms']['01']:.4f}, {fit['boundary_ms']['10']:.4f}, {fit['boundary_ms']['11']:.4f}; "
+        f"overhead {fit['overhead_ms']:.3f} ms; fit rms residual {fit['fit_rms_residual_ms']:.3f} ms\n"
+        f"  table: {result['table']}"
+    )
+    return result
+
+
+def cmd_validate(args) -> dict:
+    import tempfile
+
+    from mpqc.costmodel.validate import validate
+    from mpqc.report.plots import validation_scatter
+
+    analysis, target, table, options, calibration, timing = _costmodel_inputs(args)
+    result = validate(analysis, target, table, calibration, timing, args.batch, options, policies=args.policies,
+                      runs=args.runs, noise_repeats=args.noise_repeats)
+    out = pathlib.Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (staging / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    validation_scatter(result, staging / "validation.png")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    staging.rename(out)
+    p, b = result["prediction"], result["bitops"]
+    text = (
+        f"{args.model} on {target.name}, batch {args.batch}, {result['policies']} policies: "
+        f"{p['within_10pct']:.0%} within ±10% ({p['within_5pct']:.0%} within ±5%), Kendall tau {p['kendall_tau']:.3f}, "
+        f"Spearman {p['spearman_rho']:.3f}; BitOps tau {b['kendall_tau']:.3f}; "
+        f"noise floor (range of repeated medians) {result['noise_floor']['max_relative_range']:.1%}\n"
+        f"  {out / 'validation.json'}, {out / 'validation.png'}"
+    )
+    return {"out": str(out), "validation": {k: v for k, v in result.items() if k != "rows"}, "_text": text}
+
+
 def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="bundled example name, model.onnx, or package.module:factory")
     parser.add_argument("--target", default="ort-cpu", help="target name or .toml path (default: ort-cpu)")
@@ -114,6 +193,11 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
     parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
+    parser.add_argument("--method", default="qerror", help="sensitivity for --policy search (default: qerror)")
+    parser.add_argument("--budget-ms", type=float, help="latency budget on the target, from its measured table")
+    parser.add_argument("--budget-bitops", type=float, help="BitOps budget (MACs x weight bits x activation bits)")
+    parser.add_argument("--budget-bytes", type=float, help="weight size budget in bytes")
+    parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
     parser.add_argument("--no-measure", action="store_true", help="skip latency and fidelity measurement")
     _add_timing_arguments(parser)
 
@@ -124,13 +208,21 @@ def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=10)
 
 
+def _add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="bundled example name, model.onnx, or package.module:factory")
+    parser.add_argument("--target", default="ort-cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--proxy", help="calibration data .npz (default: the example's, or synthetic)")
+    parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpqc", description="mixed-precision quantization compiler")
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="choose a policy, lower it, write and measure the artifacts")
     _add_build_arguments(build)
-    build.add_argument("--policy", default="uniform:w8a8", help="uniform:<precision> or policy.json")
+    build.add_argument("--policy", default="uniform:w8a8", help="uniform:<precision>, policy.json, or search (with a --budget-*)")
     build.set_defaults(handler=cmd_build)
 
     export = sub.add_parser("export", help="lower a saved policy without searching (same bytes as the build)")
@@ -150,7 +242,22 @@ def make_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--target", default="ort-cpu")
     inspect.set_defaults(handler=cmd_inspect)
 
-    for command in (build, export, bench, inspect):
+    profile = sub.add_parser("profile", help="measure per-layer latency tables for a model on a target")
+    _add_costmodel_arguments(profile)
+    profile.add_argument("--force", action="store_true", help="measure again what the table already has")
+    profile.add_argument("--fit-policies", type=int, default=6, help="random policies measured to fit boundary terms")
+    profile.set_defaults(handler=cmd_profile)
+
+    costmodel = sub.add_parser("costmodel", help="cost-model tools").add_subparsers(dest="costmodel_command", required=True)
+    validate = costmodel.add_parser("validate", help="predicted vs measured latency over random policies")
+    _add_costmodel_arguments(validate)
+    validate.add_argument("--policies", type=int, default=30)
+    validate.add_argument("--runs", type=int, default=50)
+    validate.add_argument("--noise-repeats", type=int, default=5)
+    validate.add_argument("--out", required=True, help="folder for validation.json and validation.png")
+    validate.set_defaults(handler=cmd_validate)
+
+    for command in (build, export, bench, inspect, profile, validate):
         command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -1,0 +1,77 @@
+"""Latency tables, profiling with reuse, the fitted predictor and validation, on a tiny real model."""
+
+import json
+
+import pytest
+
+from mpqc.build import analyze
+from mpqc.cli import main
+from mpqc.costmodel.table import LatencyTable
+from mpqc.errors import MpqcError
+from mpqc.passes.layer_graph import layer_edges
+from mpqc.targets import load_target
+
+
+def _json(capsys, *argv) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_layer_edges_follow_the_graph_through_non_layer_ops(tinynet):
+    spec, _ = tinynet
+    analysis = analyze(spec)
+    assert layer_edges(analysis.model, analysis.layers) == (("conv1", "conv2"), ("conv2", "fc"), ("down", "fc"))
+
+
+def test_profile_measures_once_then_reuses(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    args = ["profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path / "tables"), "--fit-policies", "3"]
+    first = _json(capsys, *args)
+    # conv1, conv2, down, fc have distinct signatures; ort-cpu deploys 2, 2, 2 and 3 precisions.
+    assert first["layers"] == {"distinct": 9, "measured": 9, "reused": 0}
+    assert set(first["fit"]["boundary_ms"]) == {"01", "10", "11"}
+    second = _json(capsys, *args)
+    assert second["layers"] == {"distinct": 9, "measured": 0, "reused": 9}
+    table = json.loads(next((tmp_path / "tables").glob("*.json")).read_text())
+    assert table["fingerprint"]["runtime"].startswith("onnxruntime ")
+    assert all(entry["median_ms"] > 0 and entry["runs"] >= 25 for entry in table["entries"].values())
+
+
+def test_a_table_from_another_machine_is_refused(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2")
+    path = next(tmp_path.glob("*.json"))
+    data = json.loads(path.read_text())
+    data["fingerprint"]["cpu"] = "some other CPU"
+    path.write_text(json.dumps(data))
+    with pytest.raises(MpqcError, match="another machine or runtime"):
+        LatencyTable.for_target(load_target("ort-cpu"), tmp_path)
+
+
+def test_a_missing_measurement_says_to_profile(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2")
+    path = next(tmp_path.glob("*.json"))
+    data = json.loads(path.read_text())
+    data["entries"] = {k: v for k, v in data["entries"].items() if not k.startswith("Gemm")}
+    path.write_text(json.dumps(data))
+    assert main(["costmodel", "validate", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks 3 layer measurement(s)" in err and "run 'mpqc profile" in err
+
+
+def test_validate_reports_prediction_bitops_and_noise_floor(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    common = ["--proxy", str(proxy), "--tables", str(tmp_path / "t")]
+    _json(capsys, "profile", spec, *common, "--fit-policies", "3")
+    result = _json(capsys, "costmodel", "validate", spec, *common, "--policies", "4", "--runs", "10",
+                   "--noise-repeats", "2", "--out", str(tmp_path / "v"))["validation"]
+    assert result["policies"] == 3 + 4  # the uniform fp32, w4a16, w8a8 policies plus the random ones
+    for block in ("prediction", "additive_table_only"):
+        assert 0 <= result[block]["within_5pct"] <= result[block]["within_10pct"] <= 1
+        assert -1 <= result[block]["kendall_tau"] <= 1
+    assert -1 <= result["bitops"]["kendall_tau"] <= 1
+    assert result["noise_floor"]["repeats"] == 2 and result["noise_floor"]["max_relative_range"] >= 0
+    rows = json.loads((tmp_path / "v" / "validation.json").read_text())["rows"]
+    assert len(rows) == 7 and all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
+    assert (tmp_path / "v" / "validation.png").read_bytes()[:4] == b"\x89PNG"
