@@ -75,3 +75,26 @@ def test_validate_reports_prediction_bitops_and_noise_floor(tinynet, tmp_path, c
     rows = json.loads((tmp_path / "v" / "validation.json").read_text())["rows"]
     assert len(rows) == 7 and all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
     assert (tmp_path / "v" / "validation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_build_with_a_latency_budget_searches_and_reports_it(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    common = ["--proxy", str(proxy), "--tables", str(tmp_path / "t")]
+    _json(capsys, "profile", spec, *common, "--fit-policies", "3")
+    fastest = _json(capsys, "build", spec, *common, "--policy", "search", "--budget-ms", "1000", "--out", str(tmp_path / "a"),
+                    "--runs", "5")["build"]
+    search = fastest["search"]
+    assert search["method"] == "qerror" and search["budgets"]["ms"] == 1000
+    # A generous budget leaves every layer at its least lossy precision: fp32.
+    assert fastest["policy"]["counts"] == {"fp32": 4}
+    assert search["predicted_ms"] > 0 and search["budget_met"] in (True, False)
+    assert main(["build", spec, *common, "--policy", "search", "--budget-ms", "0.000001", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "smallest reachable" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_search_without_a_budget_is_refused(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    assert main(["build", spec, "--proxy", str(proxy), "--policy", "search", "--out", str(tmp_path / "c")]) == 2
+    assert "needs a budget" in capsys.readouterr().err
