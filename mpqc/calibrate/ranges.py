@@ -80,6 +80,13 @@ def _run(session: ort.InferenceSession, tensors: list[str], feeds: dict[str, np.
         yield session.run(tensors, batch)
 
 
+def run_tensors(model: onnx.ModelProto, tensors: list[str], feeds: dict[str, np.ndarray], batch_size: int = 16):
+    """The float model run on `feeds` batch by batch, yielding {tensor name: value} for `tensors`."""
+    session = _session_with_outputs(model, tensors)
+    for outputs in _run(session, tensors, feeds, batch_size):
+        yield dict(zip(tensors, outputs))
+
+
 def channel_means(
     model: onnx.ModelProto, tensors: dict[str, int], feeds: dict[str, np.ndarray], batch_size: int = 16
 ) -> dict[str, np.ndarray]:

@@ -17,12 +17,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from torch.nn import functional as F
 
-from mpqc.calibrate.ranges import calibrate
+from mpqc.calibrate.ranges import calibrate, run_tensors
 from mpqc.lower import numerics
 from mpqc.passes.layers import Layer
 from mpqc.precision import Precision, precision
@@ -146,7 +145,7 @@ def qerror_scores(
 
     tensors = list(dict.fromkeys(name for plan in plans for name in (plan.layer.activation, plan.layer.output)))
     with torch.inference_mode():
-        for values in _batches(float_model, tensors, feeds, batch_size):
+        for values in run_tensors(float_model, tensors, feeds, batch_size):
             for plan in plans:
                 plan.accumulate(values)
     for plan in plans:
@@ -210,18 +209,3 @@ def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
                 if attribute.name == "value":
                     found[node.output[0]] = attribute.t
     return found
-
-
-def _batches(model: onnx.ModelProto, tensors: list[str], feeds: dict[str, np.ndarray], batch_size: int):
-    """The float model run on `feeds` batch by batch, yielding {tensor name: value} for `tensors`."""
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    existing = {output.name for output in augmented.graph.output}
-    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in existing)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    count = len(next(iter(feeds.values())))
-    for start in range(0, count, batch_size):
-        batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
-        yield dict(zip(tensors, session.run(tensors, batch)))
