@@ -203,7 +203,11 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     }
     if search is not None:
         record["search"] = search
-    if options.measure:
+    if target.backend == "tensorrt":
+        _check_tensorrt(built_model_proto(model_bytes), target)
+    if options.measure and target.backend != "onnxruntime":
+        record["not_measured"] = f"target '{target.name}' runs on {target.backend}; mpqc measures ONNX Runtime targets only"
+    elif options.measure:
         record["measured"] = _measure(options, analysis.loaded, target, float_model, model_bytes, feeds, timings)
         if options.budget_ms is not None:
             record["search"]["measured_ms"] = record["measured"]["latency_built"]["median_ms"]
@@ -212,6 +216,24 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     if out is not None:
         _write_atomically(out, model_bytes, policy, record)
     return record
+
+
+def built_model_proto(model_bytes: bytes) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    return model
+
+
+def _check_tensorrt(model: onnx.ModelProto, target: Target) -> None:
+    """A model for a TensorRT target must meet its explicit-quantization rules, or it is not written."""
+    from mpqc.backends.tensorrt_rules import check_tensorrt_conformance
+
+    violations = check_tensorrt_conformance(model, bool(target.plugins.get("int4_conv", False)))
+    if violations:
+        first = violations[0]
+        raise MpqcError(
+            f"the model breaks {len(violations)} TensorRT rule(s) for target '{target.name}', first: {first.message}"
+        )
 
 
 def _counts(policy: Policy) -> dict[str, int]:

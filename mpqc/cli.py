@@ -44,6 +44,8 @@ def _summary(record: dict, out: pathlib.Path) -> str:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[search.get("budget_met")]
         lines.append(f"  latency budget {search['budgets']['ms']:.3f} ms: predicted {search['predicted_ms']:.3f} ms, {verdict}")
     measured = record.get("measured")
+    if record.get("not_measured"):
+        lines.append(f"  not measured: {record['not_measured']}")
     if measured:
         fp32, built = measured["latency_fp32"], measured["latency_built"]
         lines.append(

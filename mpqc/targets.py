@@ -27,6 +27,7 @@ class Target:
     int4_block_size: int
     deploy: dict[str, tuple[str, ...]]  # op type -> precisions with a real kernel
     evaluate: dict[str, tuple[str, ...]]  # op type -> precisions that can be run numerically
+    plugins: dict  # e.g. {"int4_conv": True}: kernels mpqc supplies where the runtime has none
     path: pathlib.Path
 
     def precisions_for(self, op_type: str, *, deployable_only: bool = True) -> tuple[Precision, ...]:
@@ -82,6 +83,7 @@ def load_target(name_or_path: str) -> Target:
         int4_block_size=int(lowering.get("int4_block_size", 64)),
         deploy=deploy,
         evaluate=evaluate,
+        plugins=dict(data.get("plugins", {})),
         path=path,
     )
 

@@ -121,3 +121,15 @@ def test_an_occupied_out_folder_is_never_replaced(tinynet, tmp_path, capsys):
     assert main(["build", spec, "--proxy", str(proxy), "--out", "occupied"]) == 2
     assert "not an mpqc build folder" in capsys.readouterr().err
     assert (tmp_path / "occupied" / "notes.txt").read_text() == "keep me"
+
+
+def test_tensorrt_targets_are_checked_against_tensorrt_rules_and_not_timed(tmp_path, capsys):
+    from mpqc.targets import find_target_file
+
+    trt = str(find_target_file("trt-a100"))
+    record = _run_json(capsys, "build", "mnist-cnn", "--target", trt, "--out", str(tmp_path / "a"))["build"]
+    assert "measured" not in record and "tensorrt" in record["not_measured"]
+    # Per-channel INT4 on a Gemm is an ONNX Runtime study format, not a TensorRT one: refused.
+    assert main(["build", "mnist-cnn", "--target", trt, "--policy", "uniform:w4a8", "--evaluate-only", "--out", str(tmp_path / "b")]) == 2
+    assert "breaks 1 TensorRT rule" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

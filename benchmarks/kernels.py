@@ -1,0 +1,296 @@
+"""mpqc's INT4 Triton kernels vs cuBLAS/cuDNN FP16 and INT8, at EfficientNet-Lite0 conv shapes and
+MiniLM linear shapes, batch 1 and 64, on the CUDA GPU of this machine.
+
+    python benchmarks/kernels.py [--batches 1 64] [--models minilm efficientnet-lite0] [--rep-ms 100] [--out FILE]
+
+Writes benchmarks/results/kernels_<device>.json. Every number is measured by this run: the device's
+achievable peaks (a large device-to-device copy for bandwidth, large FP16 and INT8 matmuls for
+FLOP/s) and each kernel's median time; achieved bandwidth and FLOP/s are reported as fractions of
+those measured peaks, not of a datasheet. Each INT4 kernel's output is checked against its torch
+reference first; if one is wrong, nothing is written. Without a GPU it says so and exits with
+status 1, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+# Run as `python benchmarks/kernels.py`, this folder is sys.path[0], and this file's own name would
+# shadow the `kernels` package; the checkout's root, which holds that package, takes its place.
+if sys.path and pathlib.Path(sys.path[0] or ".").resolve() == HERE:
+    sys.path[0] = str(HERE.parent)
+
+import torch  # noqa: E402
+
+RESULTS = HERE / "results"
+SEQUENCE = 128  # MiniLM's token count per sample in mpqc's example
+BLOCK = 64  # the TensorRT targets' INT4 block size
+TOLERANCE = 2e-3  # fp16 outputs: relative error vs the float64 reference (rounding alone is 4.9e-4)
+
+# Every distinct conv of EfficientNet-Lite0 at 224x224 as mpqc's passes see it (`mpqc inspect
+# efficientnet-lite0`): (C_in, H = W, C_out, kernel, stride, pads (top, left, bottom, right), groups, count).
+# The stride-2 convs use TensorFlow's "same" padding: more at the bottom/right than the top/left.
+LITE0_CONVS = [
+    (3, 224, 32, 3, 2, (0, 0, 1, 1), 1, 1),
+    (32, 112, 32, 3, 1, (1, 1, 1, 1), 32, 1),
+    (32, 112, 16, 1, 1, (0, 0, 0, 0), 1, 1),
+    (16, 112, 96, 1, 1, (0, 0, 0, 0), 1, 1),
+    (96, 112, 96, 3, 2, (0, 0, 1, 1), 96, 1),
+    (96, 56, 24, 1, 1, (0, 0, 0, 0), 1, 1),
+    (24, 56, 144, 1, 1, (0, 0, 0, 0), 1, 2),
+    (144, 56, 144, 3, 1, (1, 1, 1, 1), 144, 1),
+    (144, 56, 24, 1, 1, (0, 0, 0, 0), 1, 1),
+    (144, 56, 144, 5, 2, (1, 1, 2, 2), 144, 1),
+    (144, 28, 40, 1, 1, (0, 0, 0, 0), 1, 1),
+    (40, 28, 240, 1, 1, (0, 0, 0, 0), 1, 2),
+    (240, 28, 240, 5, 1, (2, 2, 2, 2), 240, 1),
+    (240, 28, 40, 1, 1, (0, 0, 0, 0), 1, 1),
+    (240, 28, 240, 3, 2, (0, 0, 1, 1), 240, 1),
+    (240, 14, 80, 1, 1, (0, 0, 0, 0), 1, 1),
+    (80, 14, 480, 1, 1, (0, 0, 0, 0), 1, 3),
+    (480, 14, 480, 3, 1, (1, 1, 1, 1), 480, 2),
+    (480, 14, 80, 1, 1, (0, 0, 0, 0), 1, 2),
+    (480, 14, 480, 5, 1, (2, 2, 2, 2), 480, 1),
+    (480, 14, 112, 1, 1, (0, 0, 0, 0), 1, 1),
+    (112, 14, 672, 1, 1, (0, 0, 0, 0), 1, 3),
+    (672, 14, 672, 5, 1, (2, 2, 2, 2), 672, 2),
+    (672, 14, 112, 1, 1, (0, 0, 0, 0), 1, 2),
+    (672, 14, 672, 5, 2, (1, 1, 2, 2), 672, 1),
+    (672, 7, 192, 1, 1, (0, 0, 0, 0), 1, 1),
+    (192, 7, 1152, 1, 1, (0, 0, 0, 0), 1, 4),
+    (1152, 7, 1152, 5, 1, (2, 2, 2, 2), 1152, 3),
+    (1152, 7, 192, 1, 1, (0, 0, 0, 0), 1, 3),
+    (1152, 7, 1152, 3, 1, (1, 1, 1, 1), 1152, 1),
+    (1152, 7, 320, 1, 1, (0, 0, 0, 0), 1, 1),
+    (320, 7, 1280, 1, 1, (0, 0, 0, 0), 1, 1),
+]
+# Linear layers (K, N, count, rows per sample): MiniLM's per token, EfficientNet-Lite0's classifier per image.
+LINEARS = {
+    "minilm": [(384, 384, 24, SEQUENCE), (384, 1536, 6, SEQUENCE), (1536, 384, 6, SEQUENCE)],
+    "efficientnet-lite0": [(1280, 1000, 1, 1)],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--models", nargs="+", default=["minilm", "efficientnet-lite0"], choices=["minilm", "efficientnet-lite0"])
+    parser.add_argument("--rep-ms", type=int, default=100, help="time spent timing each kernel (triton.testing.do_bench)")
+    parser.add_argument("--out", help="output file (default benchmarks/results/kernels_<device>.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no GPU available (torch.cuda.is_available() is False): nothing measured, nothing written")
+        return 1
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("benchmarks/kernels.py: TRITON_INTERPRET is set: the interpreter's timings are not GPU numbers; unset it")
+        return 1
+    # Triton and the kernels are imported only once a GPU is known to be there.
+    bench = Bench(args.rep_ms)
+    peaks = bench.peaks()
+    print(f"{bench.device_name}: copy {peaks['copy_gb_per_s']:.0f} GB/s, fp16 matmul {peaks['fp16_matmul_tflop_per_s']:.1f} "
+          f"TFLOP/s, int8 matmul {peaks['int8_matmul_top_per_s']:.1f} TOP/s", flush=True)
+    cases, failures = [], []
+    for batch in args.batches:
+        for model in args.models:
+            for k, n, count, rows in LINEARS[model]:
+                cases.append(bench.linear_case(model, batch * rows, k, n, count, batch))
+            if model == "efficientnet-lite0":
+                cases += [bench.conv_case(batch, *conv) for conv in LITE0_CONVS]
+    for case in cases:
+        for method, result in case["results"].items():
+            if result.get("max_rel_error", 0.0) > TOLERANCE:
+                failures.append(f"{case['name']} batch {case['batch']} {method}: relative error {result['max_rel_error']:.3g}")
+    if failures:
+        print("INT4 kernels disagree with their references; nothing written:\n  " + "\n  ".join(failures))
+        return 1
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"kernels_{slug(bench.device_name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(bench.record(peaks, cases), indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class Bench:
+    def __init__(self, rep_ms: int):
+        import triton.testing
+
+        from kernels import int4_conv, int4_gemm, pack_int4
+
+        self.do_bench, self.rep_ms = triton.testing.do_bench, rep_ms
+        self.gemm, self.conv, self.pack = int4_gemm, int4_conv, pack_int4
+        self.device_name = torch.cuda.get_device_name()
+        self.gen = torch.Generator(device="cuda").manual_seed(0)
+        self.peak: dict[str, float] = {}
+
+    def time_ms(self, fn) -> float:
+        # Median of runs, L2 flushed before each one (do_bench's default), so weights come from DRAM
+        # as they would in a model whose other layers evicted them.
+        return float(self.do_bench(fn, warmup=25, rep=self.rep_ms, return_mode="median"))
+
+    def peaks(self) -> dict[str, float]:
+        """Achievable peaks measured here: the yardstick for every fraction reported."""
+        size = 512 << 20  # well past any L2
+        src = torch.empty(size, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = self.time_ms(lambda: dst.copy_(src))
+        del src, dst
+        n = 8192
+        a16 = torch.randn(n, n, device="cuda", dtype=torch.float16, generator=self.gen)
+        b16 = torch.randn(n, n, device="cuda", dtype=torch.float16, generator=self.gen)
+        fp16_ms = self.time_ms(lambda: torch.matmul(a16, b16))
+        a8 = torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8, generator=self.gen)
+        b8 = torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8, generator=self.gen)
+        int8_ms = self.time_ms(lambda: torch._int_mm(a8, b8))
+        del a16, b16, a8, b8
+        torch.cuda.empty_cache()
+        self.peak = {
+            "copy_gb_per_s": 2 * size / copy_ms / 1e6,  # read + write
+            "fp16_matmul_tflop_per_s": 2 * n**3 / fp16_ms / 1e9,
+            "int8_matmul_top_per_s": 2 * n**3 / int8_ms / 1e9,
+        }
+        return self.peak | {"copy_bytes": size, "matmul_size": n}
+
+    def measure(self, fn, nbytes: int, ops: int, int8_math: bool, check=None) -> dict:
+        ms = self.time_ms(fn)
+        gbps, tops = nbytes / ms / 1e6, ops / ms / 1e9
+        compute_peak = self.peak["int8_matmul_top_per_s" if int8_math else "fp16_matmul_tflop_per_s"]
+        row = {
+            "median_ms": ms,
+            "bytes": nbytes,
+            "gb_per_s": gbps,
+            "tflop_per_s": tops,
+            "bandwidth_fraction": gbps / self.peak["copy_gb_per_s"],
+            "compute_fraction": tops / compute_peak,
+            "compute_peak": "int8" if int8_math else "fp16",
+        }
+        if check is not None:
+            row["max_rel_error"] = check()
+        return row
+
+    def int4_weight(self, rows: int, k: int, blocks: int | None):
+        q = torch.randint(-7, 8, (rows, k), device="cuda", dtype=torch.int8, generator=self.gen)
+        shape = (rows,) if blocks is None else (rows, blocks)
+        scale = torch.rand(shape, device="cuda", generator=self.gen) * 0.02 + 1e-3
+        return q, self.pack(q), scale
+
+    def linear_case(self, model: str, m: int, k: int, n: int, count: int, batch: int) -> dict:
+        x16 = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=self.gen)
+        x8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=self.gen)
+        _, packed_b, scale_b = self.int4_weight(n, k, -(-k // BLOCK))
+        q, packed_c, scale_c = self.int4_weight(n, k, None)
+        w16 = (q.float() * scale_c[:, None]).half()
+        w8t = q.t()  # (K, N) view of an (N, K) matrix: cuBLASLt's preferred int8 layout
+        ops, out16 = 2 * m * n * k, 2 * m * n
+        gemm = self.gemm
+        block_args = dict(x=x16, packed_weight=packed_b, weight_scale=scale_b, block_size=BLOCK)
+        channel_args = dict(x=x16, packed_weight=packed_c, weight_scale=scale_c)
+        a8_args = dict(x=x8, packed_weight=packed_c, weight_scale=scale_c, x_scale=0.02, out_dtype=torch.float16)
+        results = {
+            "int4_w4a16_block64": self.measure(lambda: gemm.int4_gemm(**block_args), 2 * m * k + n * k // 2 + 4 * scale_b.numel() + out16, ops, False,
+                                               lambda: self.error(gemm.int4_gemm(**block_args), gemm.reference_int4_gemm(**block_args))),
+            "int4_w4a16_channel": self.measure(lambda: gemm.int4_gemm(**channel_args), 2 * m * k + n * k // 2 + 4 * n + out16, ops, False,
+                                               lambda: self.error(gemm.int4_gemm(**channel_args), gemm.reference_int4_gemm(**channel_args))),
+            "int4_w4a8_channel": self.measure(lambda: gemm.int4_gemm(**a8_args), m * k + n * k // 2 + 4 * n + out16, ops, True,
+                                              lambda: self.error(gemm.int4_gemm(**a8_args), gemm.reference_int4_gemm(**a8_args))),
+            "cublas_fp16": self.measure(lambda: torch.nn.functional.linear(x16, w16), 2 * m * k + 2 * n * k + out16, ops, False),
+        }
+        if m > 16 and k % 8 == 0 and n % 8 == 0:
+            results["cublas_int8_int_mm"] = self.measure(lambda: torch._int_mm(x8, w8t), m * k + n * k + 4 * m * n, ops, True)
+        else:
+            results["cublas_int8_int_mm"] = {"skipped": f"torch._int_mm needs M > 16 and K, N multiples of 8 (M={m}, K={k}, N={n})"}
+        self.show(f"{model} linear {k}->{n}", batch, results)
+        return {"kind": "linear", "model": model, "name": f"linear {k}->{n}", "batch": batch, "M": m, "K": k, "N": n,
+                "count_in_model": count, "results": results}
+
+    def conv_case(self, batch, cin, size, cout, kernel, stride, pads, groups, count) -> dict:
+        conv = self.conv
+        cg = cin // groups
+        oh = (size + pads[0] + pads[2] - kernel) // stride + 1
+        ow = (size + pads[1] + pads[3] - kernel) // stride + 1
+        x16 = torch.randn(batch, size, size, cin, device="cuda", dtype=torch.float16, generator=self.gen)
+        x8 = torch.randint(-127, 128, (batch, size, size, cin), device="cuda", dtype=torch.int8, generator=self.gen)
+        q, packed, scale = self.int4_weight(cout, cg * kernel * kernel, None)
+        shape = (cout, cg, kernel, kernel)
+        common = dict(packed_weight=packed, weight_scale=scale, weight_shape=shape, stride=stride, padding=pads, groups=groups, layout="NHWC")
+        a16 = dict(x=x16, **common)
+        a8 = dict(x=x8, x_scale=0.02, out_dtype=torch.float16, **common)
+        ops = 2 * batch * oh * ow * cout * cg * kernel * kernel
+        out16, w4 = 2 * batch * oh * ow * cout, cout * math.ceil(cg * kernel * kernel / 2) + 4 * cout
+        results = {
+            "int4_w4a16_channel": self.measure(lambda: conv.int4_conv2d(**a16), 2 * x16.numel() + w4 + out16, ops, False,
+                                               lambda: self.error(conv.int4_conv2d(**a16), conv.reference_int4_conv2d(**a16))),
+            "int4_w4a8_channel": self.measure(lambda: conv.int4_conv2d(**a8), x8.numel() + w4 + out16, ops, True,
+                                              lambda: self.error(conv.int4_conv2d(**a8), conv.reference_int4_conv2d(**a8))),
+        }
+        # cuDNN pads symmetrically only: it gets the input padded once, outside the timing, as
+        # (top, left, bottom, right) asks, and then does exactly the same work.
+        x_padded = torch.nn.functional.pad(x16.permute(0, 3, 1, 2), (pads[1], pads[3], pads[0], pads[2]))
+        x_cl = x_padded.contiguous(memory_format=torch.channels_last)
+        w16 = (q.float() * scale[:, None]).half().reshape(shape).contiguous(memory_format=torch.channels_last)
+
+        def cudnn():
+            return torch.nn.functional.conv2d(x_cl, w16, stride=stride, groups=groups)
+
+        assert cudnn().shape[2:] == (oh, ow)
+        results["cudnn_fp16"] = self.measure(cudnn, 2 * x_cl.numel() + 2 * q.numel() + out16, ops, False)
+        if kernel == 1 and stride == 1 and groups == 1:
+            # An NHWC 1x1 conv is exactly a GEMM: (pixels, C_in) x (C_in, C_out).
+            rows = x8.reshape(-1, cin)
+            w8t = q.t()
+            results["cublas_int8_int_mm"] = self.measure(lambda: torch._int_mm(rows, w8t), x8.numel() + q.numel() + 4 * rows.shape[0] * cout, ops, True)
+        else:
+            results["cublas_int8_int_mm"] = {"skipped": "torch has no INT8 convolution; only 1x1 stride-1 convs are a plain GEMM"}
+        kind = "depthwise" if groups == cin == cout else "conv"
+        name = f"{kind} {kernel}x{kernel} s{stride} {cin}->{cout} @{size}"
+        self.show(f"efficientnet-lite0 {name}", batch, results)
+        return {"kind": "conv", "model": "efficientnet-lite0", "name": name, "batch": batch, "input_nhwc": [batch, size, size, cin],
+                "weight": list(shape), "stride": stride, "pads": list(pads), "groups": groups, "output_hw": [oh, ow],
+                "count_in_model": count, "results": results}
+
+    @staticmethod
+    def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+        diff = (actual.double() - expected.double()).abs().max().item()
+        return diff / max(expected.double().abs().max().item(), 1e-30)
+
+    @staticmethod
+    def show(name: str, batch: int, results: dict) -> None:
+        cells = [f"{method} {r['median_ms']:.4f} ms ({r['bandwidth_fraction']:.0%} bw, {r['compute_fraction']:.0%} peak)"
+                 for method, r in results.items() if "median_ms" in r]
+        print(f"b{batch:<3} {name:<48} " + " | ".join(cells), flush=True)
+
+    def record(self, peaks: dict, cases: list[dict]) -> dict:
+        import triton
+
+        from mpqc.versions import machine, versions
+
+        props = torch.cuda.get_device_properties(0)
+        return {
+            "benchmark": "kernels",
+            "device": {"name": self.device_name, "capability": f"{props.major}.{props.minor}",
+                       "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30},
+            "versions": versions() | {"triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"),
+            "method": ("triton.testing.do_bench median, L2 flushed before each run, warmup 25 ms, "
+                       f"{self.rep_ms} ms of runs; fractions are of the peaks measured in this run; "
+                       "bytes count each input, weight, scale and output once; INT4 outputs are fp16"),
+            "int4_block_size": BLOCK,
+            "peak_measured": peaks,
+            "cases": cases,
+        }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The Triton INT4 GEMM against its torch reference: W4A16 (fp32, fp16) and W4A8, per-channel and block-wise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'): no INT4 kernels to test")
+
+from kernels.int4_gemm import gemm_config, int4_gemm, reference_int4_gemm  # noqa: E402
+from kernels.int4_layout import pack_int4  # noqa: E402
+
+# Normwise relative error allowed per activation mode. fp32 and int8 inputs accumulate exactly
+# or in fp32 (~1e-7); an fp16 output is rounded to 11 significant bits (4.9e-4).
+MODES = {"w4a16-fp32": 1e-5, "w4a16-fp16": 1e-3, "w4a8": 1e-5}
+
+
+def make_case(m, n, k, mode, block, with_bias, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    # The full INT4 range, -8 included, though mpqc's quantizer stops at -7: the kernel must not care.
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    blocks = 1 if block is None else -(-k // block)
+    scale = torch.rand((n, blocks), generator=gen) * 0.05 + 1e-3
+    scale = scale[:, 0] if block is None else scale
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    if mode == "w4a8":
+        x, x_scale = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8), 0.02
+    else:
+        x, x_scale = torch.randn((m, k), generator=gen).to(torch.float16 if mode == "w4a16-fp16" else torch.float32), None
+    to = (lambda t: t.to(device) if t is not None else None)
+    return dict(x=to(x), packed_weight=to(pack_int4(q)), weight_scale=to(scale), bias=to(bias), x_scale=x_scale, block_size=block)
+
+
+def label(mode, block, device):
+    return f"gemm {mode} {'per-channel' if block is None else f'block {block}'} [{device}]"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 48),
+    k=st.integers(1, 300),
+    mode=st.sampled_from(sorted(MODES)),
+    block=st.sampled_from([None, 32, 64, 128]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(device, check_close, m, n, k, mode, block, with_bias, seed):
+    args = make_case(m, n, k, mode, block, with_bias, seed, device)
+    expected = reference_int4_gemm(**args)
+    actual = int4_gemm(**args)
+    check_close(label(mode, block, device), actual, expected, MODES[mode])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("block", [None, 32, 64, 128])
+def test_every_mode_and_granularity(device, check_close, mode, block):
+    """Each combination at least once, with K spanning several scale blocks and an odd tail."""
+    args = make_case(19, 40, 2 * 128 + 37, mode, block, True, 7, device)
+    check_close(label(mode, block, device), int4_gemm(**args), reference_int4_gemm(**args), MODES[mode])
+
+
+def test_hand_computed(device):
+    """Known bytes, known answer: independent of the reference's unpacking."""
+    # W = [[1, -8, 3], [7, 0, -1]] packed by hand: bytes (1 | -8 << 4), (3 | 0 << 4), (7 | 0), (0xF from -1).
+    packed = torch.tensor([[0x81, 0x03], [0x07, 0x0F]], dtype=torch.uint8, device=device)
+    scale = torch.tensor([0.5, 2.0], device=device)
+    x = torch.tensor([[2.0, 1.0, 1.0]], device=device)
+    y = int4_gemm(x, packed, scale, bias=torch.tensor([1.0, 0.0], device=device))
+    # row 0: (2 - 8 + 3) * 0.5 + 1 = -0.5; row 1: (14 + 0 - 1) * 2 = 26
+    assert y.cpu().tolist() == [[-0.5, 26.0]]
+    y8 = int4_gemm(torch.tensor([[4, 2, -2]], dtype=torch.int8, device=device), packed, scale, x_scale=0.25)
+    # int32 sums: 4 - 16 - 6 = -18 and 28 + 0 + 2 = 30, times 0.25 and the channel scale.
+    assert y8.cpu().tolist() == [[-2.25, 15.0]]
+
+
+def test_leading_dims_and_strides(device, check_close):
+    """A (batch, seq, K) activation and a transposed (non-contiguous) one give the reference's answer."""
+    args = make_case(2 * 5, 24, 96, "w4a16-fp32", 32, True, 3, device)
+    x3 = args["x"].reshape(2, 5, 96)
+    y = int4_gemm(**(args | {"x": x3}))
+    assert y.shape == (2, 5, 24)
+    check_close(label("w4a16-fp32", 32, device), y, reference_int4_gemm(**(args | {"x": x3})), MODES["w4a16-fp32"])
+    xt = args["x"].T.contiguous().T  # same values, column-major storage
+    assert not xt.is_contiguous()
+    check_close(label("w4a16-fp32", 32, device), int4_gemm(**(args | {"x": xt})), reference_int4_gemm(**args), MODES["w4a16-fp32"])
+
+
+def test_out_dtype(device):
+    args = make_case(4, 8, 64, "w4a8", None, False, 1, device)
+    assert int4_gemm(**args).dtype == torch.float32
+    y16 = int4_gemm(**args, out_dtype=torch.float16)
+    assert y16.dtype == torch.float16
+    assert torch.allclose(y16.float(), reference_int4_gemm(**args), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"x_scale": None}, "needs x_scale"),
+        ({"block_size": 16}, "block_size must be one of"),
+        ({"weight_scale": torch.ones(8, 3)}, "block-wise weight_scale must have shape"),
+        ({"packed_weight": torch.zeros(8, 31, dtype=torch.uint8)}, "packs into 32 bytes"),
+        ({"bias": torch.zeros(7)}, "bias must have shape"),
+    ],
+)
+def test_rejects_inconsistent_arguments(change, error):
+    args = make_case(4, 8, 64, "w4a8", 32, True, 1, "cpu") | change
+    with pytest.raises(ValueError, match=error):
+        int4_gemm(**args)
+
+
+def test_compiles_for_gpus_without_one(compile_for_gpu):
+    """Launch configurations compile to cubins for sm_80 (A100), the largest tiles also for sm_90 (H100).
+
+    The interpreter checks numerics, not GPU constraints such as tl.dot's minimum tile sizes: this
+    does, without a GPU. Per activation type: the smallest tiles (batch-1 decode, per channel) and
+    the largest (MiniLM at batch 64, blocks of 32, the smallest K tile).
+    """
+    names = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
+             "stride_sn", "stride_sb", "stride_ym", "stride_yn", "x_scale"]
+    jobs = []
+    for x_type, y_type in (("*fp16", "*fp16"), ("*fp32", "*fp32"), ("*i8", "*fp16")):
+        types = [x_type, "*i8", "*fp32", "*fp32", y_type] + ["i32"] * 10 + ["fp32"]
+        for m, n, block, archs in ((1, 1000, None, (80,)), (8192, 1536, 32, (80, 90) if x_type == "*fp16" else (80,))):
+            block_m, block_n, block_k, warps = gemm_config(m, n, block)
+            constexprs = dict(INT8_X=x_type == "*i8", BLOCKWISE=block is not None, SCALE_BLOCK=block or 1, HAS_BIAS=True,
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            jobs += [{"kernel": "kernels.int4_gemm:_int4_gemm_kernel", "signature": dict(zip(names, types)),
+                      "constexprs": constexprs, "arch": arch, "num_warps": warps} for arch in archs]
+    compiled = compile_for_gpu(jobs)  # asserts each cubin exists and fits the GPU's shared memory
+    assert len(compiled) == len(jobs)
