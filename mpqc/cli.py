@@ -178,7 +178,8 @@ def cmd_validate(args) -> dict:
         f"{args.model} on {target.name}, batch {args.batch}, {result['policies']} policies: "
         f"{p['within_10pct']:.0%} within ±10% ({p['within_5pct']:.0%} within ±5%), Kendall tau {p['kendall_tau']:.3f}, "
         f"Spearman {p['spearman_rho']:.3f}; BitOps tau {b['kendall_tau']:.3f}; "
-        f"noise floor (range of repeated medians) {result['noise_floor']['max_relative_range']:.1%}\n"
+        f"noise floor (range of repeated medians) {result['noise_floor']['max_relative_range']:.1%}, "
+        f"repeat-measurement tau {result['noise_floor']['repeat_agreement']['kendall_tau']:.3f}\n"
         f"  {out / 'validation.json'}, {out / 'validation.png'}"
     )
     return {"out": str(out), "validation": {k: v for k, v in result.items() if k != "rows"}, "_text": text}
@@ -247,7 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="measure per-layer latency tables for a model on a target")
     _add_costmodel_arguments(profile)
     profile.add_argument("--force", action="store_true", help="measure again what the table already has")
-    profile.add_argument("--fit-policies", type=int, default=6, help="random policies measured to fit boundary terms")
+    profile.add_argument("--fit-policies", type=int, default=12, help="random policies measured to fit boundary terms")
     profile.set_defaults(handler=cmd_profile)
 
     costmodel = sub.add_parser("costmodel", help="cost-model tools").add_subparsers(dest="costmodel_command", required=True)

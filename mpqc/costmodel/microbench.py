@@ -21,9 +21,10 @@ from mpqc.targets import Target
 _MIN_RUNS, _MAX_RUNS, _ROUND, _STABLE = 25, 400, 25, 0.02
 
 
-def micro_model(signature: Signature, batch: int, seed: int = 0) -> onnx.ModelProto:
-    """A float ONNX model with one layer of this signature; an Identity reads its output so the
-    lowering quantizes the output as it would inside a network."""
+def micro_model(signature: Signature, batch: int, seed: int = 0, output_read: bool = True) -> onnx.ModelProto:
+    """A float ONNX model with one layer of this signature. With `output_read`, an Identity reads
+    its output so the lowering quantizes the output as it would inside a network; without, the
+    output stays float, as when the only reader is a layer the policy keeps float."""
     rng = np.random.default_rng(seed)
     input_shape = [batch if isinstance(d, str) else d for d in signature.input_shape]
     weight = (rng.standard_normal(signature.weight_shape) / np.sqrt(np.prod(signature.weight_shape[1:]))).astype(np.float32)
@@ -44,18 +45,20 @@ def micro_model(signature: Signature, batch: int, seed: int = 0) -> onnx.ModelPr
         layer = helper.make_node("Gemm", ["x", "layer.weight", "layer.bias"], ["y"], name="layer", transB=trans_b)
     else:
         layer = helper.make_node("MatMul", ["x", "layer.weight"], ["y"], name="layer")
+    nodes = [layer, helper.make_node("Identity", ["y"], ["out"], name="reader")] if output_read else [layer]
     graph = helper.make_graph(
-        [layer, helper.make_node("Identity", ["y"], ["out"], name="reader")], "micro",
+        nodes, "micro",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch if isinstance(d, str) else d for d in signature.output_shape])],
+        [helper.make_tensor_value_info("out" if output_read else "y", TensorProto.FLOAT,
+                                       [batch if isinstance(d, str) else d for d in signature.output_shape])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def time_layer(signature: Signature, precision: str, target: Target, batch: int) -> dict:
+def time_layer(signature: Signature, precision: str, target: Target, batch: int, output_read: bool = True) -> dict:
     """Lower the micro-model at `precision` and time it; returns median/p10/p90/std in ms."""
-    model = prepare(micro_model(signature, batch), f"micro:{signature.key()}")
+    model = prepare(micro_model(signature, batch, output_read=output_read), f"micro:{signature.key()}")
     analysis = analyze_loaded(LoadedModel(f"micro:{signature.key()}", "onnx", model, None))
     shape = [batch if isinstance(d, str) else d for d in signature.input_shape]
     # Ranges matter for the numbers, not the speed; a fixed-seed normal input calibrates them.

@@ -23,7 +23,12 @@ def uniform_policies(analysis: Analysis, target: Target) -> list[Policy]:
 
 
 def random_policy(analysis: Analysis, target: Target, rng: np.random.Generator, tag: str) -> Policy:
-    """Each tie group (or lone layer) draws one precision that all its members can run."""
+    """Each tie group (or lone layer) draws one precision that all its members can run.
+
+    The share of quantized layers is itself drawn per policy (uniform in [0, 1]), so the set spans
+    isolated quantized layers in a float model, dense mixes and nearly uniform ones, as searches do.
+    """
+    density = rng.uniform()
     groups = {name: group for group in analysis.ties for name in group}
     chosen: dict[str, str] = {}
     by_name = {layer.name: layer for layer in analysis.layers}
@@ -32,6 +37,10 @@ def random_policy(analysis: Analysis, target: Target, rng: np.random.Generator, 
             continue
         members = groups.get(layer.name, (layer.name,))
         common = set.intersection(*({p.name for p in target.precisions_for(by_name[m].op_type)} for m in members))
-        pick = sorted(common)[rng.integers(len(common))]
+        quantized = sorted(common - {"fp32"})
+        if quantized and rng.uniform() < density:
+            pick = quantized[rng.integers(len(quantized))]
+        else:
+            pick = "fp32" if "fp32" in common else sorted(common)[0]
         chosen.update({member: pick for member in members})
     return Policy(tuple((layer.name, chosen[layer.name]) for layer in analysis.layers), tag)

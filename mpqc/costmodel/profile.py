@@ -19,6 +19,7 @@ from mpqc.costmodel.microbench import time_layer
 from mpqc.costmodel.policies import random_policy, uniform_policies
 from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError
+from mpqc.lower.qdq import through_clamps
 from mpqc.passes.layer_graph import layer_edges
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
@@ -27,6 +28,8 @@ from mpqc.search.ilp import LatencyModel
 from mpqc.targets import Target
 
 EDGE_KINDS = ((False, True), (True, False), (True, True))  # (producer int8, consumer int8); (False, False) is the reference
+# Table entries for a layer whose output nobody quantizes: ONNX Runtime then cannot fuse it.
+FLOAT_OUTPUT = "~float-out"
 
 
 def model_key(analysis: Analysis, batch: int) -> str:
@@ -40,27 +43,62 @@ def profile_layers(analysis: Analysis, target: Target, table: LatencyTable, batc
         signature = layer_signature(analysis.model, layer)
         for p in target.precisions_for(layer.op_type):
             work.setdefault((signature.key(), p.name), signature)
+            if p.quantizes_activations and target.quantize_layer_outputs:
+                work.setdefault((signature.key(), p.name + FLOAT_OUTPUT), signature)
     todo = [(key, p, sig) for (key, p), sig in work.items() if force or table.lookup(key, p, batch) is None]
     for key, p, signature in tqdm(todo, desc="profiling layers", unit="layer", disable=not progress):
-        table.record(key, p, batch, time_layer(signature, p, target, batch))
+        name, _, variant = p.partition("~")
+        table.record(key, p, batch, time_layer(signature, name, target, batch, output_read=not variant))
     return {"distinct": len(work), "measured": len(todo), "reused": len(work) - len(todo)}
 
 
 def layer_terms(analysis: Analysis, target: Target, table: LatencyTable, batch: int) -> dict[tuple[str, str], float]:
+    """(layer, precision) -> ms, plus (layer, precision~float-out) for layers that quantize activations."""
     terms, missing = {}, []
     for layer in analysis.layers:
         key = layer_signature(analysis.model, layer).key()
         for p in target.precisions_for(layer.op_type):
-            value = table.lookup(key, p.name, batch)
-            if value is None:
-                missing.append(f"{layer.name}@{p.name}")
-            terms[(layer.name, p.name)] = value
+            names = [p.name] + ([p.name + FLOAT_OUTPUT] if p.quantizes_activations and target.quantize_layer_outputs else [])
+            for name in names:
+                value = table.lookup(key, name, batch)
+                if value is None:
+                    missing.append(f"{layer.name}@{name}")
+                terms[(layer.name, name)] = value
     if missing:
         raise MpqcError(
             f"latency table '{table.path}' lacks {len(missing)} layer measurement(s) at batch {batch} "
             f"(e.g. {missing[0]}); run 'mpqc profile {analysis.loaded.spec} --target {target.name} --batch {batch}'"
         )
     return terms
+
+
+def unfused_penalties(analysis: Analysis, target: Target, terms, edges) -> dict:
+    """Per-edge cost of an INT8 producer whose every reader is a layer that stays float.
+
+    The lowering gives such a producer no output quantizer (a float layer between a DQ and a Q
+    would be quantized by the runtime itself), so ONNX Runtime runs it as dequantize + float op.
+    With k layer readers the penalty is split over the k edges (exact for the usual k = 1).
+    """
+    if not target.quantize_layer_outputs:
+        return {}
+    layer_names = {layer.name for layer in analysis.layers}
+    nodes = {node.name: node for node in analysis.model.graph}
+    consumers: dict[str, list[str]] = {}
+    for producer, consumer in edges:
+        consumers.setdefault(producer, []).append(consumer)
+    penalties = {}
+    for layer in analysis.layers:
+        end = through_clamps(nodes[layer.name].outputs[0])
+        readers = [user.name for user, _ in end.uses()]
+        if not readers or not all(name in layer_names for name in readers) or end.is_graph_output():
+            continue  # some reader is not a layer: the output quantizer stays, the kernel stays fused
+        share = len(consumers.get(layer.name, ())) or 1
+        for p in target.precisions_for(layer.op_type):
+            if p.quantizes_activations:
+                extra = (terms[(layer.name, p.name + FLOAT_OUTPUT)] - terms[(layer.name, p.name)]) / share
+                for consumer in consumers.get(layer.name, ()):
+                    penalties.setdefault((layer.name, consumer), {})[(True, False)] = extra
+    return penalties
 
 
 def edge_counts(edges, policy: Policy) -> np.ndarray:
@@ -77,20 +115,44 @@ def measure_model(lowering: Lowering, policy: Policy, feeds: dict, runs: int) ->
     return measure_latency(runner, feeds, warmup=10, runs=runs).median_ms
 
 
-def fit_boundaries(analysis, target, lowering, terms, feeds, policies: list[Policy], runs: int) -> dict:
+def edge_elements(analysis: Analysis, batch: int) -> dict[str, float]:
+    """Millions of elements each layer's output carries across its edges (Q/DQ and layout work scale with it)."""
+    sizes = {}
+    for layer in analysis.layers:
+        count = 1
+        for d in layer_signature(analysis.model, layer).output_shape:
+            count *= d if isinstance(d, int) else batch
+        sizes[layer.name] = count / 1e6
+    return sizes
+
+
+def edge_features(edges, elements: dict[str, float], policy: Policy) -> np.ndarray:
+    """Per edge kind: how many edges, and how many million elements cross them."""
+    counts, sizes = edge_counts(edges, policy), np.zeros(len(EDGE_KINDS))
+    for producer, consumer in edges:
+        kind = (precision(policy.as_dict[producer]).quantizes_activations, precision(policy.as_dict[consumer]).quantizes_activations)
+        if kind in EDGE_KINDS:
+            sizes[EDGE_KINDS.index(kind)] += elements[producer]
+    return np.concatenate([counts, sizes])
+
+
+def fit_boundaries(analysis, target, lowering, terms, feeds, policies: list[Policy], runs: int, batch: int) -> dict:
     """Least squares for the edge-kind coefficients and the overhead from whole-model latencies."""
     edges = layer_edges(analysis.model, analysis.layers)
+    elements = edge_elements(analysis, batch)
+    specific = LatencyModel(terms, edges, {}, 0.0, unfused_penalties(analysis, target, terms, edges))
     rows, targets = [], []
     for policy in policies:
         measured = measure_model(lowering, policy, feeds, runs)
-        additive = sum(terms[(name, p)] for name, p in policy.assignments)
-        rows.append(np.concatenate([edge_counts(edges, policy), [1.0]]))
-        targets.append(measured - additive)
+        rows.append(np.concatenate([edge_features(edges, elements, policy), [1.0]]))
+        targets.append(measured - specific.predict(policy.as_dict))
     solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
     residual = np.array(rows) @ solution - np.array(targets)
+    kinds = [f"{int(a)}{int(b)}" for a, b in EDGE_KINDS]
     return {
-        "boundary_ms": {f"{int(a)}{int(b)}": float(v) for (a, b), v in zip(EDGE_KINDS, solution[:3])},
-        "overhead_ms": float(solution[3]),
+        "boundary_ms": dict(zip(kinds, map(float, solution[:3]))),
+        "boundary_ms_per_million_elements": dict(zip(kinds, map(float, solution[3:6]))),
+        "overhead_ms": float(solution[6]),
         "fit_policies": [p.source for p in policies],
         "fit_rms_residual_ms": float(np.sqrt(np.mean(residual**2))),
     }
@@ -110,16 +172,26 @@ def latency_model(analysis: Analysis, target: Target, table: LatencyTable, batch
             f"latency table '{table.path}' has no boundary fit for this model at batch {batch}; "
             f"run 'mpqc profile {analysis.loaded.spec} --target {target.name} --batch {batch}'"
         )
-    boundary = {(False, False): 0.0} | {(k[0] == "1", k[1] == "1"): v for k, v in fitted["boundary_ms"].items()}
+    def kind(key: str) -> tuple[bool, bool]:
+        return key[0] == "1", key[1] == "1"
+
+    edges = layer_edges(analysis.model, analysis.layers)
+    elements = edge_elements(analysis, batch)
+    per_edge = unfused_penalties(analysis, target, terms, edges)
+    for producer, consumer in edges:  # the size-proportional part of each boundary
+        costs = per_edge.setdefault((producer, consumer), {})
+        for key, per_million in fitted["boundary_ms_per_million_elements"].items():
+            costs[kind(key)] = costs.get(kind(key), 0.0) + per_million * elements[producer]
     return LatencyModel(
         layer_ms=terms,
-        edges=layer_edges(analysis.model, analysis.layers),
-        boundary_ms=boundary,
+        edges=edges,
+        boundary_ms={(False, False): 0.0} | {kind(k): v for k, v in fitted["boundary_ms"].items()},
         overhead_ms=fitted["overhead_ms"],
+        edge_ms=per_edge,
     )
 
 
-def profile(analysis, target, table, feeds, batch: int, options: BuildOptions, fit_policies: int = 6, runs: int = 50,
+def profile(analysis, target, table, feeds, batch: int, options: BuildOptions, fit_policies: int = 12, runs: int = 50,
             force: bool = False, progress: bool = True) -> dict:
     counts = profile_layers(analysis, target, table, batch, force, progress)
     table.save()
@@ -128,6 +200,6 @@ def profile(analysis, target, table, feeds, batch: int, options: BuildOptions, f
         terms = layer_terms(analysis, target, table, batch)
         lowering = Lowering.prepare(analysis, target, feeds["calibration"], options)
         table.models[key] = fit_boundaries(analysis, target, lowering, terms, feeds["timing"],
-                                           fitting_policies(analysis, target, fit_policies, options.seed), runs)
+                                           fitting_policies(analysis, target, fit_policies, options.seed), runs, batch)
         table.save()
     return {"table": str(table.path), "layers": counts, "fit": table.models[key]}

@@ -84,4 +84,5 @@ class LatencyTable:
         handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".table.", suffix=".json")
         with os.fdopen(handle, "w") as stream:
             stream.write(json.dumps(data, indent=1) + "\n")
+        os.chmod(temporary, 0o644)  # a shared table, not a private temporary file
         os.replace(temporary, self.path)

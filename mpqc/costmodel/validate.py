@@ -69,7 +69,13 @@ def validate(
             "bitops": sum(bitops_and_size(signatures[name], p)[0] for name, p in chosen.items()),
         })
     measured = np.array([r["measured_ms"] for r in rows])
+    # A second, independent measurement of every policy: how well the measurement predicts itself
+    # is the ceiling any predictor can reach on this machine.
+    for policy, row in zip(candidates, rows):
+        runner = OrtRunner(lowering.lower(policy), target)
+        row["measured_again_ms"] = measure_latency(runner, timing_feeds, warmup=10, runs=runs).median_ms
     noise = _noise_floor(lowering, candidates[: min(2, len(candidates))], timing_feeds, runs, noise_repeats)
+    noise["repeat_agreement"] = _agreement(np.array([r["measured_again_ms"] for r in rows]), measured)
     return {
         "format": "mpqc.costmodel_validation/1",
         "model": analysis.loaded.spec,

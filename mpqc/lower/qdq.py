@@ -55,7 +55,7 @@ def plan_activation_quantizers(model: ir.Model, layers: list[Layer], policy: Pol
         add(values[layer.activation], [(layer.name, 0)], f"{layer.name}.input")
     if target.quantize_layer_outputs:
         for layer in quantizing:
-            end = _through_clamps(values[layer.output])
+            end = through_clamps(values[layer.output])
             # A graph output stays float: quantizing logits or embeddings only adds error.
             readers = [(user.name, index) for user, index in end.uses() if user.name not in float_layers]
             if readers:
@@ -63,7 +63,7 @@ def plan_activation_quantizers(model: ir.Model, layers: list[Layer], policy: Pol
     return list(sites.values())
 
 
-def _through_clamps(value: ir.Value) -> ir.Value:
+def through_clamps(value: ir.Value) -> ir.Value:
     """Follow a layer output through a lone ReLU/Clip: the quantizer belongs after the clamp."""
     while not value.is_graph_output() and len(value.uses()) == 1:
         user = next(iter(value.uses()))[0]

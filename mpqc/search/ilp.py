@@ -53,14 +53,21 @@ class LatencyModel:
     # (producer quantizes activations, consumer quantizes activations) -> ms per edge; missing keys cost 0
     boundary_ms: Mapping[tuple[bool, bool], float] = dataclasses.field(default_factory=dict)
     overhead_ms: float = 0.0
+    # Costs of one particular edge by kind, on top of boundary_ms (e.g. an INT8 layer that loses its
+    # fused kernel when the layer reading it stays float).
+    edge_ms: Mapping[tuple[str, str], Mapping[tuple[bool, bool], float]] = dataclasses.field(default_factory=dict)
 
-    def boundary(self, producer_quantizes: bool, consumer_quantizes: bool) -> float:
-        return float(self.boundary_ms.get((producer_quantizes, consumer_quantizes), 0.0))
+    def boundary(self, producer_quantizes: bool, consumer_quantizes: bool, edge: tuple[str, str] | None = None) -> float:
+        kind = (producer_quantizes, consumer_quantizes)
+        extra = self.edge_ms.get(edge, {}).get(kind, 0.0) if edge is not None else 0.0
+        return float(self.boundary_ms.get(kind, 0.0)) + float(extra)
 
     def predict(self, policy: Mapping[str, str]) -> float:
         total = float(self.overhead_ms) + sum(float(self.layer_ms[(layer, p)]) for layer, p in policy.items())
         for producer, consumer in self.edges:
-            total += self.boundary(quantizes_activations(policy[producer]), quantizes_activations(policy[consumer]))
+            total += self.boundary(
+                quantizes_activations(policy[producer]), quantizes_activations(policy[consumer]), (producer, consumer)
+            )
         return total
 
 
@@ -333,9 +340,9 @@ class _Program:
 
     def _link_edges(self, latency: LatencyModel) -> None:
         """One z column per distinct edge whose cost depends on both ends at once."""
-        if _interaction(latency) == 0.0:
-            return
         for producer, consumer in latency.edges:
+            if _interaction(latency, (producer, consumer)) == 0.0:
+                continue
             for layer in (producer, consumer):
                 if layer not in self.candidates:
                     raise ValueError(f"latency edge ({producer}, {consumer}) names '{layer}', which is not a layer")
@@ -373,9 +380,11 @@ class _Program:
             coef[: len(self.columns)] = [table[item] for item in self.columns]
             return coef, 0.0
         coef[: len(self.columns)] = [table.layer_ms[item] for item in self.columns]
-        ff, ft, tf, tt = (table.boundary(u, v) for u, v in ((False, False), (False, True), (True, False), (True, True)))
         constant = float(table.overhead_ms)
         for producer, consumer in table.edges:
+            ff, ft, tf, tt = (
+                table.boundary(u, v, (producer, consumer)) for u, v in ((False, False), (False, True), (True, False), (True, True))
+            )
             constant += ff
             for i in self._activation_terms(producer):
                 coef[i] += tf - ff
@@ -455,8 +464,9 @@ def _merge_groups(ties: Sequence[Sequence[str]], layers: tuple[str, ...]) -> lis
     return [members for members in merged.values() if len(members) > 1]
 
 
-def _interaction(latency: LatencyModel) -> float:
-    return latency.boundary(True, True) - latency.boundary(True, False) - latency.boundary(False, True) + latency.boundary(False, False)
+def _interaction(latency: LatencyModel, edge: tuple[str, str]) -> float:
+    b = latency.boundary
+    return b(True, True, edge) - b(True, False, edge) - b(False, True, edge) + b(False, False, edge)
 
 
 def _scaled(terms: dict[int, float], factor: float) -> dict[int, float]:

@@ -26,11 +26,16 @@ def problems(draw):
     candidates = {layer: draw(st.lists(st.sampled_from(POOL), min_size=1, max_size=3, unique=True)) for layer in layers}
     pairs = [(layer, p) for layer in layers for p in candidates[layer]]
     loss = {pair: draw(quarters) for pair in pairs}
+    edges = tuple(draw(st.lists(st.tuples(st.sampled_from(layers), st.sampled_from(layers)), max_size=8)))
+    kinds = list(itertools.product((False, True), repeat=2))
     latency = LatencyModel(
         layer_ms={pair: draw(quarters) for pair in pairs},
-        edges=tuple(draw(st.lists(st.tuples(st.sampled_from(layers), st.sampled_from(layers)), max_size=8))),
-        boundary_ms={key: draw(st.integers(0, 8)) / 4 for key in itertools.product((False, True), repeat=2)},
+        edges=edges,
+        boundary_ms={key: draw(st.integers(0, 8)) / 4 for key in kinds},
         overhead_ms=draw(quarters),
+        # Some edges carry costs of their own on top of the per-kind ones.
+        edge_ms={edge: {kind: draw(st.integers(0, 8)) / 4 for kind in draw(st.lists(st.sampled_from(kinds), unique=True))}
+                 for edge in draw(st.lists(st.sampled_from(edges), unique=True)) if edges} if edges else {},
     )
     tables = {"latency": latency, "bitops": {pair: draw(quarters) for pair in pairs}, "size": {pair: draw(quarters) for pair in pairs}}
     ties = draw(st.lists(st.lists(st.sampled_from(layers), min_size=2, max_size=3, unique=True), max_size=2)) if n > 1 else []
