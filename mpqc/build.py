@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import pathlib
 import random
@@ -56,6 +57,9 @@ class BuildOptions:
     budget_bitops: float | None = None
     budget_bytes: float | None = None
     tables: str | None = None  # folder of latency tables (default: beside the target file)
+    pareto: str | None = None  # "ms", "bitops" or "bytes": also write the loss-vs-cost front of that resource
+    cache_dir: str | None = None  # sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)
+    use_cache: bool = True
     measure: bool = True  # time FP32 vs built and compute fidelity
     batch: int = 1
     runs: int = 100
@@ -155,6 +159,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     """Run the whole build; write the artifacts to `out` (if given) and return build.json's content."""
     if out is not None:
         check_out_dir(out)
+    if options.pareto is not None and options.policy != "search":
+        raise MpqcError("--pareto sweeps a budget of the search: use it with --policy search")
     random.seed(options.seed)
     np.random.seed(options.seed)
     timings: dict[str, float] = {}
@@ -164,13 +170,18 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     timings["frontend_and_passes_s"] = time.perf_counter() - clock
 
     search = None
+    extra_files: dict[str, bytes] = {}
     if options.policy == "search":
         from mpqc.search.policy_search import prepare_search  # the search pulls in torch and scipy
 
         feeds, proxy_origin = proxy_feeds(options, analysis.loaded)
         clock = time.perf_counter()
         problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options)
-        policy, search = problem.solve(options.budget_ms)
+        if options.pareto is not None:
+            policy, search, front = problem.pareto(options.pareto)
+            extra_files = _pareto_files(front)
+        else:
+            policy, search = problem.solve(options.budget_ms)
         timings["search_s"] = time.perf_counter() - clock
     else:
         policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
@@ -181,7 +192,9 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
     lowering = Lowering.prepare(analysis, target, feeds, options)
     timings["calibration_s"] = time.perf_counter() - clock
 
-    if search is not None and options.budget_ms is not None and options.measure and target.backend == "onnxruntime":
+    # A --pareto build lowers a point of the front as it is: re-solving for the budget would leave the front.
+    if (search is not None and options.budget_ms is not None and options.pareto is None and options.measure
+            and target.backend == "onnxruntime"):
         clock = time.perf_counter()
         policy, search = _meet_latency_budget(problem, policy, search, lowering, analysis.loaded, feeds, options)
         timings["budget_verification_s"] = time.perf_counter() - clock
@@ -202,7 +215,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         "calibration": {"method": options.calibration, "tensors": len(lowering.ranges), "bias_correction": options.bias_correction},
         "layers": _layer_rows(analysis, policy, target),
         "ties": [list(group) for group in analysis.ties],
-        "artifacts": {"model.qdq.onnx": hashlib.sha256(model_bytes).hexdigest()},
+        "artifacts": {"model.qdq.onnx": hashlib.sha256(model_bytes).hexdigest()}
+        | {name: hashlib.sha256(data).hexdigest() for name, data in extra_files.items()},
         "versions": versions(),
         "machine": machine(),
         "seed": options.seed,
@@ -220,8 +234,17 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
             record["search"]["budget_met"] = record["search"]["measured_ms"] <= options.budget_ms
     record["timings"] = timings
     if out is not None:
-        _write_atomically(out, model_bytes, policy, record)
+        _write_atomically(out, model_bytes, policy, record, extra_files)
     return record
+
+
+def _pareto_files(front: dict) -> dict[str, bytes]:
+    """pareto.json and its plot, which is drawn from the JSON alone so it can be redrawn from the file."""
+    from mpqc.report.plots import pareto_plot  # matplotlib only where a plot is drawn
+
+    picture = io.BytesIO()
+    pareto_plot(front, picture)
+    return {"pareto.json": (json.dumps(front, indent=2) + "\n").encode(), "pareto.png": picture.getvalue()}
 
 
 _BUDGET_ROUNDS = 4
@@ -319,7 +342,9 @@ def check_out_dir(out: pathlib.Path) -> None:
         raise MpqcError(f"--out '{out}' exists and is not an mpqc build folder; choose a new or empty folder")
 
 
-def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, record: dict) -> None:
+def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, record: dict,
+                      extra_files: dict[str, bytes] | None = None) -> None:
+    """The four artifacts of every build, plus `extra_files` (name -> content) when a build has more."""
     out = out.resolve()
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +354,8 @@ def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, rec
         policy.save(staging / "policy.json")
         (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
         (staging / "report.md").write_text(render_report(record))
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

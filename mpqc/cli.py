@@ -29,6 +29,9 @@ def _build_options(args, policy: str):
         budget_bitops=args.budget_bitops,
         budget_bytes=args.budget_bytes,
         tables=args.tables,
+        pareto=getattr(args, "pareto", None),  # build only: export never searches
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
         measure=not args.no_measure,
         batch=args.batch,
         runs=args.runs,
@@ -40,7 +43,7 @@ def _summary(record: dict, out: pathlib.Path) -> str:
     lines = [f"built {record['model']['spec']} for {record['target']['name']} -> {out}",
              "  policy: " + ", ".join(f"{n} x {p}" for p, n in record["policy"]["counts"].items())]
     search = record.get("search")
-    if search and search.get("predicted_ms") is not None:
+    if search and search["budgets"]["ms"] is not None and search.get("predicted_ms") is not None:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[search.get("budget_met")]
         lines.append(f"  latency budget {search['budgets']['ms']:.3f} ms: predicted {search['predicted_ms']:.3f} ms, {verdict}")
     measured = record.get("measured")
@@ -55,6 +58,10 @@ def _summary(record: dict, out: pathlib.Path) -> str:
         shown = {k: v for k, v in measured["fidelity"].items() if isinstance(v, float)}
         lines.append("  fidelity vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     lines.append(f"  artifacts: {out / 'model.qdq.onnx'}, {out / 'policy.json'}, {out / 'build.json'}, {out / 'report.md'}")
+    if search and "pareto" in search:
+        front = search["pareto"]
+        lines.append(f"  pareto front ({front['resource']}, {front['points']} points, built point {front['built_point']}): "
+                     f"{out / 'pareto.json'}, {out / 'pareto.png'}")
     return "\n".join(lines)
 
 
@@ -202,6 +209,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-bytes", type=float, help="weight size budget in bytes")
     parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
     parser.add_argument("--no-measure", action="store_true", help="skip latency and fidelity measurement")
+    parser.add_argument("--cache-dir", help="sensitivity score cache for --policy search (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")
+    parser.add_argument("--no-cache", action="store_true", help="score layers afresh and write nothing to the cache")
     _add_timing_arguments(parser)
 
 
@@ -226,6 +235,8 @@ def make_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="choose a policy, lower it, write and measure the artifacts")
     _add_build_arguments(build)
     build.add_argument("--policy", default="uniform:w8a8", help="uniform:<precision>, policy.json, or search (with a --budget-*)")
+    build.add_argument("--pareto", choices=["ms", "bitops", "bytes"],
+                       help="with --policy search: also write pareto.json/.png, loss vs this resource, and build the front's middle point")
     build.set_defaults(handler=cmd_build)
 
     export = sub.add_parser("export", help="lower a saved policy without searching (same bytes as the build)")

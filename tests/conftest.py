@@ -42,5 +42,6 @@ def tinynet(tmp_path, monkeypatch):
     (tmp_path / "tinynet.py").write_text(TINYNET)
     np.savez(tmp_path / "proxy.npz", input=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # search builds cache scores: not in ~/.cache
     monkeypatch.syspath_prepend(str(tmp_path))
     return "tinynet:make", tmp_path / "proxy.npz"

@@ -28,3 +28,19 @@ def validation_scatter(result: dict, path: pathlib.Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def pareto_plot(front: dict, destination) -> None:
+    """Summed loss against cost for each point of pareto.json; `destination` is a path or a binary file."""
+    points = front["points"]
+    costs, objectives = [p["cost"] for p in points], [p["objective"] for p in points]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    axes.plot(costs, objectives, marker="o", drawstyle="steps-post", label="Pareto front")
+    built = points[front["built_point"]]
+    axes.scatter([built["cost"]], [built["objective"]], s=90, facecolors="none", edgecolors="C3", zorder=3, label="built")
+    axes.set(xlabel=f"predicted {front['resource']}", ylabel=f"summed {front['method']} loss",
+             title=f"{front['model']} on {front['target']}: {len(points)} points")
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(destination, format="png", dpi=110)
+    plt.close(figure)

@@ -4,12 +4,17 @@ under the budgets given (milliseconds from the measured table, BitOps, bytes).""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from mpqc.data.feeds import feeds_sha256
 from mpqc.errors import MpqcError
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
-from mpqc.search.ilp import LatencyModel, bitops_and_size, solve
+from mpqc.search import cache
+from mpqc.search.ilp import LatencyModel, Solution, bitops_and_size, pareto, smallest, solve
 from mpqc.sensitivity.qerror import qerror_scores
 from mpqc.targets import Target
 
@@ -17,6 +22,14 @@ if TYPE_CHECKING:
     from mpqc.build import BuildOptions
 
 METHODS = ("qerror",)
+# --pareto's resource names -> the ILP's resource, its budget argument, BuildOptions' budget field
+# and Solution's cost field.
+PARETO_RESOURCES = {
+    "ms": ("latency", "latency_budget_ms", "budget_ms", "latency_ms"),
+    "bitops": ("bitops", "bitops_budget", "budget_bitops", "bitops"),
+    "bytes": ("size", "size_budget", "budget_bytes", "size_bytes"),
+}
+PARETO_POINTS = 12
 
 
 @dataclasses.dataclass
@@ -32,38 +45,104 @@ class SearchProblem:
     size_bytes: dict
     options: "BuildOptions"
 
-    def solve(self, latency_budget_ms: float | None) -> tuple[Policy, dict]:
+    scores_cached: bool  # the loss came from the score cache rather than from scoring now
+
+    def _constraints(self, latency_budget_ms: float | None) -> dict:
         o = self.options
-        solution = solve(
-            [layer.name for layer in self.layers], self.candidates, self.loss,
+        return dict(
             latency=self.latency, latency_budget_ms=latency_budget_ms,
             bitops=self.bitops, bitops_budget=o.budget_bitops,
             size_bytes=self.size_bytes, size_budget=o.budget_bytes,
             ties=self.ties,
         )
-        policy = Policy(tuple((layer.name, solution.assignments[layer.name]) for layer in self.layers), f"search:{o.method}")
-        return policy, {
+
+    def _names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def _policy(self, solution: Solution) -> Policy:
+        return Policy(tuple((layer.name, solution.assignments[layer.name]) for layer in self.layers), f"search:{self.options.method}")
+
+    def _record(self, solution: Solution, latency_budget_ms: float | None) -> dict:
+        o = self.options
+        return {
             "method": o.method,
             "budgets": {"ms": o.budget_ms, "bitops": o.budget_bitops, "bytes": o.budget_bytes},
             "ilp_latency_budget_ms": latency_budget_ms,
             "objective": solution.objective,
             "predicted_ms": solution.latency_ms,
             "solve_seconds": solution.solve_seconds,
+            "scores_cached": self.scores_cached,
         }
+
+    def solve(self, latency_budget_ms: float | None) -> tuple[Policy, dict]:
+        solution = solve(self._names(), self.candidates, self.loss, **self._constraints(latency_budget_ms))
+        return self._policy(solution), self._record(solution, latency_budget_ms)
+
+    def pareto(self, resource: str) -> tuple[Policy, dict, dict]:
+        """Loss against one resource: the front over PARETO_POINTS budgets evenly spread from the
+        least that resource can cost to what the least-loss policy costs (beyond it nothing improves).
+
+        Returns the policy of the front's middle point with its search record, and pareto.json's content.
+        """
+        ilp_resource, budget_argument, budget_field, cost_field = PARETO_RESOURCES[resource]
+        constraints = self._constraints(self.options.budget_ms)  # the other budgets hold at every point
+        del constraints[budget_argument]  # swept here instead
+        names = self._names()
+        low = smallest(names, self.candidates, ilp_resource, **constraints)
+        high = getattr(solve(names, self.candidates, self.loss, **constraints), cost_field)
+        budgets = [float(b) for b in np.linspace(low, max(low, high), PARETO_POINTS)]
+        front = pareto(names, self.candidates, self.loss, resource=ilp_resource, budgets=budgets, **constraints)
+        if not front:  # only when the solver rejects even the least cost it reported, within its tolerance
+            raise MpqcError(f"no {resource} budget between {low:.6g} and {high:.6g} was feasible for the Pareto front")
+        points = []
+        for solution in front:
+            cost = getattr(solution, cost_field)
+            counts: dict[str, int] = {}
+            for name in solution.assignments.values():
+                counts[name] = counts.get(name, 0) + 1
+            points.append({
+                # The least swept budget this point fits (with the solver's feasibility tolerance).
+                "budget": next((b for b in budgets if cost <= b + 1e-6 * abs(b)), budgets[-1]),
+                "counts": dict(sorted(counts.items())),
+                "objective": solution.objective,
+                "cost": cost,
+                "assignments": solution.assignments,
+            })
+        middle = (len(front) - 1) // 2
+        policy, record = self._policy(front[middle]), self._record(front[middle], self.options.budget_ms)
+        record["pareto"] = {"resource": resource, "points": len(points), "built_point": middle, "budget": points[middle]["budget"]}
+        document = {
+            "format": "mpqc.pareto/1",
+            "model": self.options.model,
+            "target": self.options.target,
+            "method": self.options.method,
+            "resource": resource,
+            "other_budgets": {r: getattr(self.options, f) for r, (_, _, f, _) in PARETO_RESOURCES.items() if f != budget_field},
+            "budgets": budgets,
+            "built_point": middle,
+            "points": points,
+        }
+        return policy, record, document
 
 
 def prepare_search(analysis, target: Target, float_model, feeds, options: "BuildOptions") -> SearchProblem:
     if options.method not in METHODS:
         raise MpqcError(f"unknown search method '{options.method}': use one of {', '.join(METHODS)}")
-    if options.budget_ms is None and options.budget_bitops is None and options.budget_bytes is None:
-        raise MpqcError("--policy search needs a budget: --budget-ms, --budget-bitops or --budget-bytes")
+    if options.pareto is not None:
+        if options.pareto not in PARETO_RESOURCES:
+            raise MpqcError(f"unknown --pareto resource '{options.pareto}': use one of {', '.join(PARETO_RESOURCES)}")
+        field = PARETO_RESOURCES[options.pareto][2]
+        if getattr(options, field) is not None:
+            raise MpqcError(f"--pareto {options.pareto} sweeps that budget itself: drop --{field.replace('_', '-')}")
+    elif options.budget_ms is None and options.budget_bitops is None and options.budget_bytes is None:
+        raise MpqcError("--policy search needs a budget: --budget-ms, --budget-bitops or --budget-bytes (or --pareto)")
     layers = analysis.layers
     candidates = {
         layer.name: [p.name for p in target.precisions_for(layer.op_type, deployable_only=not options.evaluate_only)]
         for layer in layers
     }
     latency = None
-    if options.budget_ms is not None:
+    if options.budget_ms is not None or options.pareto == "ms":
         from mpqc.costmodel.profile import latency_model
         from mpqc.costmodel.table import LatencyTable
 
@@ -72,11 +151,27 @@ def prepare_search(analysis, target: Target, float_model, feeds, options: "Build
         (layer.name, p): bitops_and_size(layer_signature(analysis.model, layer), p)
         for layer in layers for p in candidates[layer.name]
     }
+    loss, cached = _scores(analysis, target, float_model, feeds, candidates, options)
     return SearchProblem(
         layers=layers, ties=analysis.ties, candidates=candidates,
-        loss=qerror_scores(float_model, layers, candidates, feeds, target),
+        loss=loss,
+        scores_cached=cached,
         latency=latency,
         bitops={k: v[0] for k, v in costs.items()},
         size_bytes={k: v[1] for k, v in costs.items()},
         options=options,
     )
+
+
+def _scores(analysis, target: Target, float_model, feeds, candidates, options: "BuildOptions") -> tuple[dict, bool]:
+    """The sensitivity scores, from the cache when an earlier build scored the same inputs."""
+    if not options.use_cache:
+        return qerror_scores(float_model, analysis.layers, candidates, feeds, target), False
+    folder = pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir()
+    key = cache.score_key(analysis.loaded.sha256(), feeds_sha256(feeds), options.method, options.seed, target, candidates)
+    scores = cache.load_scores(folder, key, candidates)
+    if scores is not None:
+        return scores, True
+    scores = qerror_scores(float_model, analysis.layers, candidates, feeds, target)
+    cache.save_scores(folder, key, scores)
+    return scores, False

@@ -1,0 +1,78 @@
+"""Disk cache of sensitivity scores, so a search rebuilt with another budget only solves the ILP again.
+
+Scoring runs every layer at every candidate precision on the proxy data; it is by far the slowest
+step of `--policy search`, and it depends on none of the budgets. One JSON file per key, where the
+key hashes everything the scores depend on. The cache only ever saves time: a file that cannot be
+read back exactly is scored again and overwritten, and a folder that cannot be written is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+
+from mpqc.targets import Target
+
+# Part of the key: changing how scores are computed or stored must change this, not reuse old files.
+_FORMAT = "mpqc.scores/1"
+
+
+def default_dir() -> pathlib.Path:
+    """$XDG_CACHE_HOME/mpqc, or ~/.cache/mpqc where it is unset or empty (the XDG rule)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    return pathlib.Path(base) / "mpqc"
+
+
+def score_key(
+    model_sha256: str, feeds_sha256: str, method: str, seed: int, target: Target, candidates: Mapping[str, Sequence[str]]
+) -> str:
+    described = {
+        "format": _FORMAT,
+        "model_sha256": model_sha256,
+        "feeds_sha256": feeds_sha256,
+        "method": method,
+        "seed": seed,
+        # The target's lowering settings change the numerics being scored, not just its name.
+        "target": [target.name, target.activation_type, target.int4_block_size],
+        "candidates": sorted((layer, sorted(names)) for layer, names in candidates.items()),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def load_scores(folder: pathlib.Path, key: str, candidates: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], float] | None:
+    """The cached scores for `key`, or None when there are none or the file is not a complete, valid entry."""
+    try:
+        data = json.loads((folder / f"{key}.json").read_text())
+        if data["format"] != _FORMAT or data["key"] != key:
+            return None
+        scores = {(layer, name): float(value) for layer, name, value in data["scores"]}
+    except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or hand-edited: score again
+        return None
+    wanted = {(layer, name) for layer, names in candidates.items() for name in names}
+    if set(scores) != wanted or not all(math.isfinite(v) for v in scores.values()):
+        return None
+    return scores
+
+
+def save_scores(folder: pathlib.Path, key: str, scores: Mapping[tuple[str, str], float]) -> None:
+    """Write through a temporary file and os.replace, so a reader never sees half a file."""
+    data = {"format": _FORMAT, "key": key, "scores": [[layer, name, float(v)] for (layer, name), v in sorted(scores.items())]}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+    except OSError:
+        return  # an unwritable cache costs only the time of scoring again next build
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file)
+        os.replace(temporary, folder / f"{key}.json")
+    except OSError:
+        pathlib.Path(temporary).unlink(missing_ok=True)  # a full disk: as above, skip the cache
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise

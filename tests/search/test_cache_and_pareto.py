@@ -1,0 +1,101 @@
+"""The sensitivity score cache and `--pareto`, on the tiny residual model."""
+
+import json
+
+import pytest
+
+from mpqc.cli import main
+from mpqc.policy import Policy
+
+
+def _json(capsys, *argv) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture()
+def profiled(tinynet, tmp_path, capsys):
+    """The tiny model with its latency table measured, and the options every search build here shares."""
+    spec, proxy = tinynet
+    common = ["--proxy", str(proxy), "--tables", str(tmp_path / "t")]
+    _json(capsys, "profile", spec, *common, "--fit-policies", "2")
+    return spec, [*common, "--policy", "search", "--no-measure"]
+
+
+def _search(capsys, spec, common, out, *extra) -> dict:
+    return _json(capsys, "build", spec, *common, *extra, "--out", str(out))["build"]
+
+
+def test_a_second_budget_reuses_the_scores_and_gives_the_uncached_policy(profiled, tmp_path, capsys):
+    spec, common = profiled
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    first = _search(capsys, spec, common, tmp_path / "a", *cache, "--budget-bytes", "1e9")
+    assert first["search"]["scores_cached"] is False
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    # tinynet holds 2944 weights (11776 bytes in fp32): 6000 bytes moves some layers off fp32, so the
+    # scores decide something.
+    tight = "6000"
+    cached = _search(capsys, spec, common, tmp_path / "b", *cache, "--budget-bytes", tight)
+    uncached = _search(capsys, spec, common, tmp_path / "c", "--no-cache", "--budget-bytes", tight)
+    assert cached["search"]["scores_cached"] is True and uncached["search"]["scores_cached"] is False
+    assert cached["policy"]["counts"] != {"fp32": 4}
+    assert (tmp_path / "b" / "policy.json").read_text() == (tmp_path / "c" / "policy.json").read_text()
+    assert cached["search"]["objective"] == uncached["search"]["objective"]
+
+
+def test_a_corrupt_cache_file_is_scored_again_and_rewritten(profiled, tmp_path, capsys):
+    spec, common = profiled
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--budget-bytes", "1e9"]
+    _search(capsys, spec, common, tmp_path / "a", *cache)
+    (path,) = (tmp_path / "cache").glob("*.json")
+    good = path.read_text()
+    for broken in (good[: len(good) // 2], '{"format": "mpqc.scores/1"}', "[]"):
+        path.write_text(broken)
+        assert _search(capsys, spec, common, tmp_path / "a", *cache)["search"]["scores_cached"] is False
+        assert json.loads(path.read_text()) == json.loads(good)
+    assert _search(capsys, spec, common, tmp_path / "a", *cache)["search"]["scores_cached"] is True
+
+
+def test_no_cache_writes_nothing_and_the_default_folder_follows_xdg(profiled, tmp_path, capsys, monkeypatch):
+    spec, common = profiled
+    (tmp_path / "cache").mkdir()
+    _search(capsys, spec, common, tmp_path / "a", "--cache-dir", str(tmp_path / "cache"), "--no-cache", "--budget-bytes", "1e9")
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _search(capsys, spec, common, tmp_path / "a", "--budget-bytes", "1e9")
+    assert len(list((tmp_path / "xdg" / "mpqc").glob("*.json"))) == 1
+
+
+def _check_front(out, record, resource: str) -> list[dict]:
+    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "pareto.json", "pareto.png"}
+    front = json.loads((out / "pareto.json").read_text())
+    assert front["resource"] == resource and len(front["budgets"]) == 12
+    points = front["points"]
+    assert points
+    for before, after in zip(points, points[1:]):
+        assert after["cost"] >= before["cost"] and after["objective"] <= before["objective"]
+    for point in points:
+        assert point["cost"] <= point["budget"] * (1 + 1e-6)
+        assert sum(point["counts"].values()) == len(point["assignments"]) == 4
+    # The build lowered the front's middle point, and the JSON says which.
+    assert record["search"]["pareto"]["built_point"] == front["built_point"] == (len(points) - 1) // 2
+    assert Policy.load(out / "policy.json") == points[front["built_point"]]["assignments"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    return points
+
+
+def test_pareto_writes_a_monotone_front_beside_a_complete_build(profiled, tmp_path, capsys):
+    spec, common = profiled
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    # Measured latency decides how many points the ms front has (on tinynet fp32 may well be fastest),
+    # so only its shape is checked; weight bytes are exact, and there fp32 costs most and loses least.
+    _check_front(tmp_path / "ms", _search(capsys, spec, common, tmp_path / "ms", *cache, "--pareto", "ms"), "ms")
+    points = _check_front(tmp_path / "b", _search(capsys, spec, common, tmp_path / "b", *cache, "--pareto", "bytes"), "bytes")
+    assert len(points) >= 2 and points[-1]["counts"] == {"fp32": 4} and points[0]["objective"] > 0
+
+
+def test_pareto_refuses_a_budget_of_the_same_resource(profiled, tmp_path, capsys):
+    spec, common = profiled
+    assert main(["build", spec, *common, "--no-cache", "--pareto", "ms", "--budget-ms", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "drop --budget-ms" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
