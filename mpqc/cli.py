@@ -73,14 +73,6 @@ def cmd_build(args) -> dict:
     return {"out": str(out), "build": record, "_text": _summary(record, out)}
 
 
-def cmd_export(args) -> dict:
-    from mpqc.build import build
-
-    out = pathlib.Path(args.out)
-    record = build(_build_options(args, args.policy), out)
-    return {"out": str(out), "build": record, "_text": _summary(record, out)}
-
-
 def cmd_bench(args) -> dict:
     from mpqc.backends.ort_runner import OrtRunner
     from mpqc.bench.inputs import synthetic_feeds
@@ -242,7 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="lower a saved policy without searching (same bytes as the build)")
     _add_build_arguments(export)
     export.add_argument("--policy", required=True, help="policy.json from an earlier build")
-    export.set_defaults(handler=cmd_export)
+    export.set_defaults(handler=cmd_build)  # the same build, with a policy file instead of a search
 
     bench = sub.add_parser("bench", help="latency percentiles and throughput of an ONNX model on a target")
     bench.add_argument("model", help="model .onnx")
