@@ -11,6 +11,7 @@ from skimage import data
 
 from mpqc.data import photos
 from mpqc.examples import efficientnet_lite0 as example
+from mpqc.frontend.torch_export import export_module
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO, COFFEE_MUG = 967, 504
@@ -60,16 +61,8 @@ def test_recognises_bundled_photos(built):
 def test_onnx_export_matches_torch(built, tmp_path):
     model, inputs = built
     path = tmp_path / "efficientnet_lite0.onnx"
-    torch.onnx.export(
-        model,
-        inputs,
-        str(path),
-        dynamo=True,
-        opset_version=21,
-        input_names=list(example.INPUT_NAMES),
-        output_names=list(example.OUTPUT_NAMES),
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
+    # mpqc's own frontend: dynamo exporter, opset 21, dynamic batch, layers named after modules.
+    onnx.save(export_module(model, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES), str(path))
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch axis is symbolic

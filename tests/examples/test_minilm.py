@@ -10,6 +10,7 @@ import torch
 
 from mpqc.data import sentences as text
 from mpqc.examples import minilm as example
+from mpqc.frontend.torch_export import export_module
 
 SAMPLE = [
     "A man is eating food.",
@@ -66,17 +67,8 @@ def test_padding_length_does_not_change_embeddings(built):
 def test_onnx_export_matches_torch(built, tmp_path):
     model, inputs = built
     path = tmp_path / "minilm.onnx"
-    batch = torch.export.Dim("batch")
-    torch.onnx.export(
-        model,
-        inputs,
-        str(path),
-        dynamo=True,
-        opset_version=21,
-        input_names=list(example.INPUT_NAMES),
-        output_names=list(example.OUTPUT_NAMES),
-        dynamic_shapes=({0: batch}, {0: batch}),
-    )
+    # mpqc's own frontend: dynamo exporter, opset 21, dynamic batch, layers named after modules.
+    onnx.save(export_module(model, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES), str(path))
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == list(example.INPUT_NAMES)
     assert [o.name for o in graph.output] == list(example.OUTPUT_NAMES)

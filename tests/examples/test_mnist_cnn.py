@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from mpqc.data import mnist
 from mpqc.examples import mnist_cnn as ex
+from mpqc.frontend.torch_export import export_module
 
 MIN_TEST_ACCURACY = 0.985
 # The committed model scores ~0.94 on the re-rendered sklearn digits (chance is 0.10).
@@ -125,16 +126,8 @@ def test_onnx_export_matches_torch(model, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     _, example_inputs = ex.build_module()
     path = tmp_path / "mnist_cnn.onnx"
-    torch.onnx.export(
-        model,
-        example_inputs,
-        str(path),
-        dynamo=True,
-        opset_version=21,
-        input_names=list(ex.INPUT_NAMES),
-        output_names=list(ex.OUTPUT_NAMES),
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
+    # mpqc's own frontend: dynamo exporter, opset 21, dynamic batch, layers named after modules.
+    onnx.save(export_module(model, example_inputs, ex.INPUT_NAMES, ex.OUTPUT_NAMES), str(path))
     onnx.checker.check_model(onnx.load(str(path)))
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
