@@ -129,6 +129,7 @@ class Bench:
         from kernels import int4_conv, int4_gemm, pack_int4
 
         self.do_bench, self.rep_ms = triton.testing.do_bench, rep_ms
+        self.do_bench_graph = triton.testing.do_bench_cudagraph
         self.gemm, self.conv, self.pack = int4_gemm, int4_conv, pack_int4
         self.device_name = torch.cuda.get_device_name()
         self.gen = torch.Generator(device="cuda").manual_seed(0)
@@ -152,7 +153,9 @@ class Bench:
         fp16_ms = self.time_ms(lambda: torch.matmul(a16, b16))
         a8 = torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8, generator=self.gen)
         b8 = torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8, generator=self.gen)
-        int8_ms = self.time_ms(lambda: torch._int_mm(a8, b8))
+        # cuBLASLt runs int8 fast only with B column-major (a transposed view); row-major B ran ~8x
+        # slower on an H100, so the faster of the two layouts is the peak.
+        int8_ms = min(self.time_ms(lambda: torch._int_mm(a8, b8)), self.time_ms(lambda: torch._int_mm(a8, b8.t())))
         del a16, b16, a8, b8
         torch.cuda.empty_cache()
         self.peak = {
@@ -162,8 +165,18 @@ class Bench:
         }
         return self.peak | {"copy_bytes": size, "matmul_size": n}
 
+    def graph_ms(self, fn) -> float | None:
+        """Median time of the kernel replayed in a CUDA graph: what it costs once launched, without
+        Python's launch overhead (tens of microseconds for a Triton launch, more than these small
+        kernels run) and with L2 warm, as in an engine that replays its layers back to back."""
+        try:
+            return float(self.do_bench_graph(fn, rep=self.rep_ms, return_mode="median"))
+        except RuntimeError:  # a capture failure: report the plain timing only
+            return None
+
     def measure(self, fn, nbytes: int, ops: int, int8_math: bool, check=None) -> dict:
         ms = self.time_ms(fn)
+        graph_ms = self.graph_ms(fn)
         gbps, tops = nbytes / ms / 1e6, ops / ms / 1e9
         compute_peak = self.peak["int8_matmul_top_per_s" if int8_math else "fp16_matmul_tflop_per_s"]
         row = {
@@ -174,6 +187,9 @@ class Bench:
             "bandwidth_fraction": gbps / self.peak["copy_gb_per_s"],
             "compute_fraction": tops / compute_peak,
             "compute_peak": "int8" if int8_math else "fp16",
+            "graph_median_ms": graph_ms,
+            "graph_bandwidth_fraction": None if graph_ms is None else nbytes / graph_ms / 1e6 / self.peak["copy_gb_per_s"],
+            "graph_compute_fraction": None if graph_ms is None else ops / graph_ms / 1e9 / compute_peak,
         }
         if check is not None:
             row["max_rel_error"] = check()
@@ -266,7 +282,8 @@ class Bench:
 
     @staticmethod
     def show(name: str, batch: int, results: dict) -> None:
-        cells = [f"{method} {r['median_ms']:.4f} ms ({r['bandwidth_fraction']:.0%} bw, {r['compute_fraction']:.0%} peak)"
+        cells = [f"{method} {r['median_ms']:.4f}/{r['graph_median_ms'] or float('nan'):.4f} ms "
+                 f"({r['bandwidth_fraction']:.0%}/{r['graph_bandwidth_fraction'] or float('nan'):.0%} bw)"
                  for method, r in results.items() if "median_ms" in r]
         print(f"b{batch:<3} {name:<48} " + " | ".join(cells), flush=True)
 
@@ -288,8 +305,44 @@ class Bench:
                        "bytes count each input, weight, scale and output once; INT4 outputs are fp16"),
             "int4_block_size": BLOCK,
             "peak_measured": peaks,
+            "summary": summarize(cases),
             "cases": cases,
         }
+
+
+INT4_METHODS = ("int4_w4a16_block64", "int4_w4a16_channel", "int4_w4a8_channel")
+
+
+def summarize(cases: list[dict]) -> list[dict]:
+    """Per model and batch: how the fastest INT4 kernel of each case compares with cuBLAS/cuDNN FP16,
+    in both timings (plain do_bench with its launch overhead, and CUDA-graph replay)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for case in cases:
+        groups.setdefault((case["model"], case["batch"]), []).append(case)
+    rows = []
+    for (model, batch), members in sorted(groups.items()):
+        row = {"model": model, "batch": batch, "cases": len(members)}
+        for timing in ("median_ms", "graph_median_ms"):
+            ratios, best_fractions = [], []
+            for case in members:
+                results = case["results"]
+                fp16 = results.get("cublas_fp16") or results.get("cudnn_fp16")
+                int4 = [results[m] for m in INT4_METHODS if m in results and results[m].get(timing)]
+                if not int4 or not fp16.get(timing):
+                    continue
+                best = min(int4, key=lambda r: r[timing])
+                ratios.append(fp16[timing] / best[timing])
+                fraction_key = "bandwidth_fraction" if timing == "median_ms" else "graph_bandwidth_fraction"
+                best_fractions.append(best[fraction_key])
+            if ratios:
+                row[timing] = {
+                    "int4_faster_than_fp16": sum(r > 1 for r in ratios),
+                    "geomean_speedup_vs_fp16": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+                    "best_speedup_vs_fp16": max(ratios),
+                    "median_bandwidth_fraction_of_fastest_int4": sorted(best_fractions)[len(best_fractions) // 2],
+                }
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

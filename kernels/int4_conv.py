@@ -192,6 +192,11 @@ def conv_config(pixels: int, og: int, kg: int, int8_x: bool) -> tuple[int, int, 
     block_n = 16 if og <= 16 else 32 if og <= 32 else 64
     block_k = max(16 if kg <= 16 else 32 if kg <= 32 else 64, 32 if int8_x else 16)
     block_m = 128 if pixels >= 4096 else 64 if pixels >= 64 else 32
+    if not int8_x:
+        # On an H100 (Triton 3.6) float tiles of fewer than 64 rows with a 16-wide K tile summed
+        # wrongly (up to 100% error, found by tests/kernels on the GPU); 64 rows were right in every
+        # configuration tried, so float inputs never get fewer.
+        block_m = max(block_m, 64)
     return block_m, block_n, block_k, 8 if block_m == 128 and block_n == 64 else 4
 
 
