@@ -26,6 +26,9 @@ class LoadedModel:
     kind: str  # "example" | "onnx" | "torch"
     model: onnx.ModelProto  # float model, opset >= 21, shapes inferred
     example: types.ModuleType | None  # the bundled example, which brings proxy/eval data
+    # The float torch module the ONNX model was exported from (eval mode), for the trained
+    # sensitivity methods; None for an .onnx file.
+    module: object | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -44,13 +47,13 @@ def resolve_model(spec: str) -> LoadedModel:
     if spec in EXAMPLES:
         example = load_example(spec)
         module, inputs = example.build_module()
-        return LoadedModel(spec, "example", _export(module, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES, spec), example)
+        return LoadedModel(spec, "example", _export(module, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES, spec), example, module)
     if spec.endswith(".onnx") or pathlib.Path(spec).is_file():
         return LoadedModel(spec, "onnx", load_onnx_file(spec), None)
     if ":" in spec:
         module, inputs = _call_factory(spec)
         names = tuple("input" if len(inputs) == 1 else f"input_{i}" for i in range(len(inputs)))
-        return LoadedModel(spec, "torch", _export(module, inputs, names, ("output",), spec), None)
+        return LoadedModel(spec, "torch", _export(module, inputs, names, ("output",), spec), None, module)
     raise MpqcError(
         f"model '{spec}' is not a bundled example ({', '.join(EXAMPLES)}), an existing .onnx file, "
         "or a package.module:factory"

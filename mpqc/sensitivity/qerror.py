@@ -209,3 +209,8 @@ def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
                 if attribute.name == "value":
                     found[node.output[0]] = attribute.t
     return found
+
+
+def context_scores(context) -> dict[tuple[str, str], float]:
+    """The `qerror` method on a SensitivityContext (mpqc.sensitivity.methods)."""
+    return qerror_scores(context.float_model, context.layers, context.candidates, context.feeds, context.target)

@@ -1,0 +1,33 @@
+"""`mpqc build --method`: the sensitivity methods by name, each (SensitivityContext) -> scores."""
+
+from __future__ import annotations
+
+import importlib
+
+from mpqc.errors import MpqcError
+from mpqc.sensitivity.context import SensitivityContext
+
+# name -> (module, function). Imported on use: the trained methods pull in more of torch.
+METHODS = {
+    "seam": ("mpqc.sensitivity.indicators", "seam_scores"),
+    "limpq": ("mpqc.sensitivity.indicators", "limpq_scores"),
+    "hawq": ("mpqc.sensitivity.hawq", "hawq_scores"),
+    "qerror": ("mpqc.sensitivity.qerror", "context_scores"),
+}
+DEFAULT_METHOD = "seam"
+
+
+def check_method(name: str) -> None:
+    if name not in METHODS:
+        raise MpqcError(f"unknown search method '{name}': use one of {', '.join(METHODS)}")
+
+
+def score_layers(method: str, context: SensitivityContext) -> dict[tuple[str, str], float]:
+    """(layer, precision) -> score for every candidate of every layer; fp32 scores 0."""
+    check_method(method)
+    module_name, function = METHODS[method]
+    scores = getattr(importlib.import_module(module_name), function)(context)
+    missing = [(layer, p) for layer, names in context.candidates.items() for p in names if (layer, p) not in scores]
+    if missing:
+        raise RuntimeError(f"method {method} scored no value for {missing[:3]}")
+    return scores
