@@ -1,0 +1,188 @@
+"""`mpqc profile --target trt-*`: latency tables measured in TensorRT engines.
+
+ONNX Runtime tables time one micro-model per layer signature (mpqc.costmodel.profile). On
+TensorRT a layer's cost depends on what it is fused with, so layer terms come from whole-model
+engines instead: one engine per uniform policy (every layer at precision p where the target
+deploys it, else fp32), timed per layer by TensorRT's IProfiler. Each engine layer's time goes to
+the mpqc layer whose node (or own Q/DQ and bias nodes) it holds; layers sharing a signature get
+the median. Per-layer times add up to more than an engine's latency (the profiler synchronises
+around every layer), so the boundary terms and overhead are fitted, as for ONNX Runtime, to
+end-to-end latencies of uniform and random mixed policies: the overhead comes out negative when
+the profiler's per-layer times overstate the whole.
+
+The table has the same format as ONNX Runtime's and the same ILP reads it; its fingerprint names
+the GPU, compute capability and TensorRT version instead of the CPU and ONNX Runtime version.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tqdm import tqdm
+
+from mpqc.backends.tensorrt import (
+    TensorRTRunner,
+    batch_range,
+    build_engine,
+    device_fingerprint,
+    prepare_for_tensorrt,
+    require_tensorrt,
+    timing_cache_path,
+)
+from mpqc.backends.tensorrt_inspect import attribute_layer_times, layer_precisions
+from mpqc.build import Analysis, BuildOptions, Lowering
+from mpqc.costmodel.policies import uniform_policies
+from mpqc.costmodel.profile import (
+    EDGE_KINDS,
+    edge_elements,
+    edge_features,
+    fitting_policies,
+    layer_terms,
+    model_key,
+    unfused_penalties,
+)
+from mpqc.costmodel.table import LatencyTable, fingerprint_id
+from mpqc.errors import MpqcError
+from mpqc.passes.layer_graph import layer_edges
+from mpqc.passes.signatures import layer_signature
+from mpqc.policy import Policy
+from mpqc.search.ilp import LatencyModel
+from mpqc.targets import Target
+
+
+def tensorrt_fingerprint(target: Target) -> dict:
+    return {"target": target.name, **device_fingerprint(),
+            "builder_optimization_level": int(target.runtime.get("builder_optimization_level", 3))}
+
+
+def tensorrt_table(target: Target, folder=None) -> LatencyTable:
+    """This GPU's latency table for a TensorRT target (empty if never measured here).
+
+    Same folder and format as LatencyTable.for_target; only the fingerprint differs.
+    """
+    import pathlib
+
+    print_ = tensorrt_fingerprint(target)
+    folder = pathlib.Path(folder) if folder else target.path.parent / target.name
+    path = folder / f"{fingerprint_id(print_)}.json"
+    if not path.is_file():
+        return LatencyTable(path, print_, {}, {})
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise MpqcError(f"latency table '{path}' is not valid JSON; delete it and run 'mpqc profile' again") from None
+    if data.get("fingerprint") != print_:
+        raise MpqcError(f"latency table '{path}' was measured on another GPU or TensorRT version; run 'mpqc profile' here")
+    return LatencyTable(path, print_, data.get("entries", {}), data.get("models", {}))
+
+
+class _Engines:
+    """Lowers, builds and runs one engine per policy; remembers each policy's end-to-end latency."""
+
+    def __init__(self, lowering: Lowering, target: Target, batch: int, tables, timing: dict, runs: int):
+        self.lowering, self.target, self.batch, self.timing, self.runs = lowering, target, batch, timing, runs
+        self.cache = timing_cache_path(target, tables)
+        self.latency_ms: dict[tuple, float] = {}
+
+    def runner(self, policy: Policy) -> TensorRTRunner:
+        model, _ = prepare_for_tensorrt(self.lowering.lower(policy), self.target)
+        engine = build_engine(model, self.target, timing_cache_path=self.cache, batch=batch_range(self.target, self.batch))
+        return TensorRTRunner(engine)
+
+    def measure(self, policy: Policy, runner: TensorRTRunner | None = None) -> float:
+        key = policy.assignments
+        if key not in self.latency_ms:
+            own = runner is None
+            runner = runner or self.runner(policy)
+            try:
+                self.latency_ms[key] = runner.latency(self.timing, warmup=10, runs=self.runs).median_ms
+            finally:
+                if own:
+                    runner.close()
+        return self.latency_ms[key]
+
+
+def profile_layers_trt(analysis: Analysis, target: Target, table: LatencyTable, engines: _Engines, batch: int,
+                       layer_runs: int, force: bool = False, progress: bool = True) -> None:
+    """Fill the table's (signature, precision) entries from per-layer times of uniform-policy engines."""
+    signatures = {layer.name: layer_signature(analysis.model, layer).key() for layer in analysis.layers}
+    work = {(signatures[layer.name], p.name) for layer in analysis.layers for p in target.precisions_for(layer.op_type)}
+    todo = {key for key in work if force or table.lookup(*key, batch) is None}
+    names = [layer.name for layer in analysis.layers]
+    # fp32 first: its engine measures every layer's float term.
+    policies = sorted(uniform_policies(analysis, target), key=lambda p: p.source != "uniform:fp32")
+    for policy in tqdm(policies, desc="profiling engines", unit="engine", disable=not progress):
+        wanted = {(signatures[name], precision) for name, precision in policy.assignments} & todo
+        if not wanted:
+            continue
+        runner = engines.runner(policy)
+        try:
+            times = runner.layer_times(engines.timing, layer_runs)
+            per_layer, _ = attribute_layer_times(times, layer_precisions(runner.engine), names)
+            engines.measure(policy, runner)
+        finally:
+            runner.close()
+        samples: dict[tuple[str, str], list[float]] = {}
+        for name, precision in policy.assignments:
+            samples.setdefault((signatures[name], precision), []).append(per_layer[name])
+        for key in sorted(wanted):
+            values = samples[key]
+            table.record(*key, batch, {"median_ms": float(np.median(values)), "runs": layer_runs, "layers": len(values),
+                                       "source": f"TensorRT IProfiler, {policy.source} engine"})
+            todo.discard(key)
+
+
+def fit_boundaries_trt(analysis: Analysis, target: Target, engines: _Engines, terms, policies: list[Policy], batch: int) -> dict:
+    """Least squares for the edge-kind coefficients and the overhead, from engine latencies.
+
+    The same model as mpqc.costmodel.profile.fit_boundaries, with end-to-end times from TensorRT
+    engines instead of ONNX Runtime sessions.
+    """
+    edges = layer_edges(analysis.model, analysis.layers)
+    elements = edge_elements(analysis, batch)
+    specific = LatencyModel(terms, edges, {}, 0.0, unfused_penalties(analysis, target, terms, edges))
+    rows, targets = [], []
+    for policy in policies:
+        rows.append(np.concatenate([edge_features(edges, elements, policy), [1.0]]))
+        targets.append(engines.measure(policy) - specific.predict(policy.as_dict))
+    solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
+    residual = np.array(rows) @ solution - np.array(targets)
+    kinds = [f"{int(a)}{int(b)}" for a, b in EDGE_KINDS]
+    return {
+        "boundary_ms": dict(zip(kinds, map(float, solution[:3]))),
+        "boundary_ms_per_million_elements": dict(zip(kinds, map(float, solution[3:6]))),
+        "overhead_ms": float(solution[6]),
+        "fit_policies": [p.source for p in policies],
+        "fit_rms_residual_ms": float(np.sqrt(np.mean(residual**2))),
+    }
+
+
+def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int, options: BuildOptions, *, tables=None,
+                fit_policies: int = 12, runs: int = 50, layer_runs: int = 20, force: bool = False, progress: bool = True) -> dict:
+    """Measure the TensorRT latency table of `analysis` on this GPU and fit its boundary terms.
+
+    feeds: {"calibration": arrays to calibrate the lowering, "timing": one batch to time}.
+    Returns the same summary as mpqc.costmodel.profile.profile.
+    """
+    if target.backend != "tensorrt":
+        raise MpqcError(f"target '{target.name}' runs on {target.backend}; profile_trt times TensorRT targets")
+    plugin = bool(target.plugins.get("int4_conv")) and any(
+        "w4a8" in [p.name for p in target.precisions_for(layer.op_type)] for layer in analysis.layers if layer.op_type == "Conv")
+    require_tensorrt(needs_plugin=plugin)
+    table = tensorrt_table(target, tables)
+    lowering = Lowering.prepare(analysis, target, feeds["calibration"], options)
+    engines = _Engines(lowering, target, batch, tables, feeds["timing"], runs)
+    signatures = {(layer_signature(analysis.model, layer).key(), p.name)
+                  for layer in analysis.layers for p in target.precisions_for(layer.op_type)}
+    measured = sum(1 for key in signatures if force or table.lookup(*key, batch) is None)
+    profile_layers_trt(analysis, target, table, engines, batch, layer_runs, force, progress)
+    table.save()
+    key = model_key(analysis, batch)
+    if force or key not in table.models:
+        terms = layer_terms(analysis, target, table, batch)
+        table.models[key] = fit_boundaries_trt(analysis, target, engines, terms,
+                                               fitting_policies(analysis, target, fit_policies, options.seed), batch)
+        table.save()
+    return {"table": str(table.path), "layers": {"distinct": len(signatures), "measured": measured,
+                                                 "reused": len(signatures) - measured}, "fit": table.models[key]}
