@@ -52,7 +52,9 @@ class BuildOptions:
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
     bias_correction: bool = True
     # --policy search: the ILP chooses per layer under these budgets (any combination).
-    method: str = "qerror"
+    method: str | None = None  # sensitivity method; None: seam for torch models, qerror for .onnx files
+    epochs: int = 3  # indicator training passes over the proxy data (limpq, seam)
+    gmpq: bool = False  # add the attribution-imitation term to indicator training
     budget_ms: float | None = None
     budget_bitops: float | None = None
     budget_bytes: float | None = None
@@ -118,6 +120,23 @@ def proxy_feeds(options: BuildOptions, loaded: LoadedModel) -> tuple[dict[str, n
     return feeds, origin
 
 
+def proxy_labels(options: BuildOptions, loaded: LoadedModel, count: int) -> np.ndarray | None:
+    """Labels for the trained sensitivity methods: a "labels" array in --proxy's .npz, or the bundled
+    example's own; None lets them label samples with the float model's predictions."""
+    if options.proxy is not None:
+        labels = load_npz(options.proxy).get("labels")
+    elif loaded.example is not None and hasattr(loaded.example, "proxy_labels"):
+        labels = loaded.example.proxy_labels(count)
+    else:
+        return None
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+        raise MpqcError(f"proxy labels must be {count} non-negative integers (one per sample), got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
+
+
 @dataclasses.dataclass
 class Lowering:
     """Calibrated once, lowers any number of policies (profiling and validation lower dozens).
@@ -176,7 +195,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
 
         feeds, proxy_origin = proxy_feeds(options, analysis.loaded)
         clock = time.perf_counter()
-        problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options)
+        labels = proxy_labels(options, analysis.loaded, len(next(iter(feeds.values()))))
+        problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
         if options.pareto is not None:
             policy, search, front = problem.pareto(options.pareto)
             extra_files = _pareto_files(front)
@@ -225,6 +245,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         record["search"] = search
     if target.backend == "tensorrt":
         _check_tensorrt(built_model_proto(model_bytes), target)
+        extra_files = extra_files | _tensorrt_engine(model_bytes, target, policy, analysis, options, record)
     if options.measure and target.backend != "onnxruntime":
         record["not_measured"] = f"target '{target.name}' runs on {target.backend}; mpqc measures ONNX Runtime targets only"
     elif options.measure:
@@ -287,6 +308,16 @@ def _check_tensorrt(model: onnx.ModelProto, target: Target) -> None:
         raise MpqcError(
             f"the model breaks {len(violations)} TensorRT rule(s) for target '{target.name}', first: {first.message}"
         )
+
+
+def _tensorrt_engine(model_bytes: bytes, target: Target, policy: Policy, analysis: Analysis, options: BuildOptions,
+                     record: dict) -> dict[str, bytes]:
+    """model.engine and its precision report where TensorRT runs; elsewhere build.json says why none was built."""
+    from mpqc.backends.tensorrt import engine_artifacts
+
+    files, record["tensorrt_engine"] = engine_artifacts(model_bytes, target, policy, analysis.layers, options.batch, options.tables)
+    record["artifacts"] |= {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    return files
 
 
 def _counts(policy: Policy) -> dict[str, int]:

@@ -25,6 +25,8 @@ def _build_options(args, policy: str):
         evaluate_only=args.evaluate_only,
         bias_correction=not args.no_bias_correction,
         method=args.method,
+        epochs=args.epochs,
+        gmpq=args.gmpq,
         budget_ms=args.budget_ms,
         budget_bitops=args.budget_bitops,
         budget_bytes=args.budget_bytes,
@@ -58,6 +60,10 @@ def _summary(record: dict, out: pathlib.Path) -> str:
         shown = {k: v for k, v in measured["fidelity"].items() if isinstance(v, float)}
         lines.append("  fidelity vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     lines.append(f"  artifacts: {out / 'model.qdq.onnx'}, {out / 'policy.json'}, {out / 'build.json'}, {out / 'report.md'}")
+    engine = record.get("tensorrt_engine")
+    if engine is not None:
+        lines.append(f"  tensorrt engine: {out / 'model.engine'}, {len(engine['precisions']['findings'])} precision finding(s) in build.json"
+                     if engine["engine_built"] else f"  no tensorrt engine built: {engine['reason']}")
     if search and "pareto" in search:
         front = search["pareto"]
         lines.append(f"  pareto front ({front['resource']}, {front['points']} points, built point {front['built_point']}): "
@@ -137,7 +143,10 @@ def _costmodel_inputs(args):
 
 def cmd_profile(args) -> dict:
     from mpqc.costmodel.profile import profile
+    from mpqc.targets import load_target
 
+    if load_target(args.target).backend == "tensorrt":
+        return _profile_tensorrt(args)
     analysis, target, table, options, calibration, timing = _costmodel_inputs(args)
     result = profile(analysis, target, table, {"calibration": calibration, "timing": timing}, args.batch, options,
                      fit_policies=args.fit_policies, force=args.force, progress=not args.json)
@@ -149,6 +158,25 @@ def cmd_profile(args) -> dict:
         f"{fit['boundary_ms']['01']:.4f}, {fit['boundary_ms']['10']:.4f}, {fit['boundary_ms']['11']:.4f}; "
         f"overhead {fit['overhead_ms']:.3f} ms; fit rms residual {fit['fit_rms_residual_ms']:.3f} ms\n"
         f"  table: {result['table']}"
+    )
+    return result
+
+
+def _profile_tensorrt(args) -> dict:
+    """Per-layer times from TensorRT engines on this GPU (mpqc.backends.tensorrt_profile)."""
+    from mpqc.backends.tensorrt import require_tensorrt
+
+    require_tensorrt()  # one clear line before any lowering when TensorRT is missing
+    from mpqc.backends.tensorrt_profile import profile_trt
+
+    analysis, target, _, options, calibration, timing = _costmodel_inputs(args)
+    result = profile_trt(analysis, target, {"calibration": calibration, "timing": timing}, args.batch, options,
+                         tables=args.tables, fit_policies=args.fit_policies, force=args.force, progress=not args.json)
+    counts, fit = result["layers"], result["fit"]
+    result["_text"] = (
+        f"profiled {args.model} on {target.name} with TensorRT (batch {args.batch}): {counts['distinct']} layer measurements, "
+        f"{counts['measured']} new, {counts['reused']} reused; overhead {fit['overhead_ms']:.3f} ms, "
+        f"fit rms residual {fit['fit_rms_residual_ms']:.3f} ms\n  table: {result['table']}"
     )
     return result
 
@@ -195,7 +223,10 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
     parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
-    parser.add_argument("--method", default="qerror", help="sensitivity for --policy search (default: qerror)")
+    parser.add_argument("--method", choices=["seam", "limpq", "hawq", "qerror"],
+                        help="sensitivity for --policy search (default: seam for torch models, qerror for .onnx files)")
+    parser.add_argument("--epochs", type=int, default=3, help="indicator training passes over the proxy data (seam, limpq)")
+    parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     parser.add_argument("--budget-ms", type=float, help="latency budget on the target, from its measured table")
     parser.add_argument("--budget-bitops", type=float, help="BitOps budget (MACs x weight bits x activation bits)")
     parser.add_argument("--budget-bytes", type=float, help="weight size budget in bytes")

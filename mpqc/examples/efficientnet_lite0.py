@@ -28,6 +28,7 @@ from mpqc.data.photos import IMAGE_SIZE, photo_crops
 NAME = "efficientnet-lite0"
 INPUT_NAMES = ("image",)
 OUTPUT_NAMES = ("logits",)
+CLASSIFIER = True  # ImageNet class scores; the photographs carry no labels, so methods use its predictions
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01

@@ -36,6 +36,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 # word-embedding lookup's result, and a graph output of the same name would be
 # a duplicate definition that ONNX Runtime rejects.
 OUTPUT_NAMES = ("sentence_embedding",)
+CLASSIFIER = False  # sentence embeddings: sensitivity methods compare outputs, there are no classes
 
 SEQ_LEN = 128
 # Added to the attention scores of padding keys. Like the original BERT this

@@ -28,6 +28,7 @@ from mpqc.data.mnist import mnist_split
 NAME = "mnist-cnn"
 INPUT_NAMES = ("image",)
 OUTPUT_NAMES = ("logits",)
+CLASSIFIER = True  # the output is class scores: trained sensitivity methods fit its classes
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "mnist_cnn.safetensors"
 RECORD_PATH = WEIGHTS_PATH.with_suffix(".json")
@@ -114,6 +115,12 @@ def proxy_feeds(limit: int | None = None) -> dict[str, np.ndarray]:
     if not 1 <= limit <= len(images):
         raise ValueError(f"limit must be in 1..{len(images)}, got {limit}")
     return {INPUT_NAMES[0]: np.ascontiguousarray(images[:limit])}
+
+
+def proxy_labels(limit: int | None = None) -> np.ndarray:
+    """The digit labels of ``proxy_feeds(limit)``'s samples, int64."""
+    limit = DEFAULT_PROXY_LIMIT if limit is None else limit
+    return mnist_split("train")[1][:limit]
 
 
 def eval_feeds() -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -29,10 +29,13 @@ def default_dir() -> pathlib.Path:
 
 
 def score_key(
-    model_sha256: str, feeds_sha256: str, method: str, seed: int, target: Target, candidates: Mapping[str, Sequence[str]]
+    model_sha256: str, feeds_sha256: str, method: str, seed: int, target: Target, candidates: Mapping[str, Sequence[str]],
+    settings: Mapping | None = None,
 ) -> str:
+    """`settings`: whatever else the method's scores depend on (labels, training epochs, options)."""
     described = {
         "format": _FORMAT,
+        "settings": dict(settings or {}),
         "model_sha256": model_sha256,
         "feeds_sha256": feeds_sha256,
         "method": method,

@@ -4,6 +4,7 @@ under the budgets given (milliseconds from the measured table, BitOps, bytes).""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from typing import TYPE_CHECKING
 
@@ -15,13 +16,13 @@ from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.search import cache
 from mpqc.search.ilp import LatencyModel, Solution, bitops_and_size, pareto, smallest, solve
-from mpqc.sensitivity.qerror import qerror_scores
+from mpqc.sensitivity.context import SensitivityContext
+from mpqc.sensitivity.methods import DEFAULT_METHOD, check_method, score_layers
 from mpqc.targets import Target
 
 if TYPE_CHECKING:
     from mpqc.build import BuildOptions
 
-METHODS = ("qerror",)
 # --pareto's resource names -> the ILP's resource, its budget argument, BuildOptions' budget field
 # and Solution's cost field.
 PARETO_RESOURCES = {
@@ -44,7 +45,7 @@ class SearchProblem:
     bitops: dict
     size_bytes: dict
     options: "BuildOptions"
-
+    method: str  # the sensitivity method used (the options may leave it to mpqc)
     scores_cached: bool  # the loss came from the score cache rather than from scoring now
 
     def _constraints(self, latency_budget_ms: float | None) -> dict:
@@ -60,12 +61,12 @@ class SearchProblem:
         return [layer.name for layer in self.layers]
 
     def _policy(self, solution: Solution) -> Policy:
-        return Policy(tuple((layer.name, solution.assignments[layer.name]) for layer in self.layers), f"search:{self.options.method}")
+        return Policy(tuple((layer.name, solution.assignments[layer.name]) for layer in self.layers), f"search:{self.method}")
 
     def _record(self, solution: Solution, latency_budget_ms: float | None) -> dict:
         o = self.options
         return {
-            "method": o.method,
+            "method": self.method,
             "budgets": {"ms": o.budget_ms, "bitops": o.budget_bitops, "bytes": o.budget_bytes},
             "ilp_latency_budget_ms": latency_budget_ms,
             "objective": solution.objective,
@@ -115,7 +116,7 @@ class SearchProblem:
             "format": "mpqc.pareto/1",
             "model": self.options.model,
             "target": self.options.target,
-            "method": self.options.method,
+            "method": self.method,
             "resource": resource,
             "other_budgets": {r: getattr(self.options, f) for r, (_, _, f, _) in PARETO_RESOURCES.items() if f != budget_field},
             "budgets": budgets,
@@ -125,9 +126,17 @@ class SearchProblem:
         return policy, record, document
 
 
-def prepare_search(analysis, target: Target, float_model, feeds, options: "BuildOptions") -> SearchProblem:
-    if options.method not in METHODS:
-        raise MpqcError(f"unknown search method '{options.method}': use one of {', '.join(METHODS)}")
+def resolve_method(options: "BuildOptions", module) -> str:
+    """The method asked for, else seam where there is a torch module to train and qerror where there is not."""
+    if options.method is not None:
+        check_method(options.method)
+        return options.method
+    return DEFAULT_METHOD if module is not None else "qerror"
+
+
+def prepare_search(analysis, target: Target, float_model, feeds, options: "BuildOptions",
+                   labels: np.ndarray | None = None) -> SearchProblem:
+    method = resolve_method(options, analysis.loaded.module)
     if options.pareto is not None:
         if options.pareto not in PARETO_RESOURCES:
             raise MpqcError(f"unknown --pareto resource '{options.pareto}': use one of {', '.join(PARETO_RESOURCES)}")
@@ -151,7 +160,8 @@ def prepare_search(analysis, target: Target, float_model, feeds, options: "Build
         (layer.name, p): bitops_and_size(layer_signature(analysis.model, layer), p)
         for layer in layers for p in candidates[layer.name]
     }
-    loss, cached = _scores(analysis, target, float_model, feeds, candidates, options)
+    context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels)
+    loss, cached = _scores(analysis, context, method, options)
     return SearchProblem(
         layers=layers, ties=analysis.ties, candidates=candidates,
         loss=loss,
@@ -160,18 +170,37 @@ def prepare_search(analysis, target: Target, float_model, feeds, options: "Build
         bitops={k: v[0] for k, v in costs.items()},
         size_bytes={k: v[1] for k, v in costs.items()},
         options=options,
+        method=method,
     )
 
 
-def _scores(analysis, target: Target, float_model, feeds, candidates, options: "BuildOptions") -> tuple[dict, bool]:
+def sensitivity_context(analysis, target: Target, float_model, feeds, candidates, options: "BuildOptions",
+                        labels: np.ndarray | None) -> SensitivityContext:
+    loaded = analysis.loaded
+    example = loaded.example
+    return SensitivityContext(
+        float_model=float_model, layers=analysis.layers, candidates=candidates, target=target, feeds=feeds,
+        input_names=tuple(loaded.input_names), module=loaded.module, labels=labels,
+        # Bundled examples say what their output is; other models are taken for classifiers.
+        classifier=getattr(example, "CLASSIFIER", True),
+        seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
+    )
+
+
+def _scores(analysis, context: SensitivityContext, method: str, options: "BuildOptions") -> tuple[dict, bool]:
     """The sensitivity scores, from the cache when an earlier build scored the same inputs."""
     if not options.use_cache:
-        return qerror_scores(float_model, analysis.layers, candidates, feeds, target), False
+        return score_layers(method, context), False
     folder = pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir()
-    key = cache.score_key(analysis.loaded.sha256(), feeds_sha256(feeds), options.method, options.seed, target, candidates)
-    scores = cache.load_scores(folder, key, candidates)
+    settings = {
+        "labels_sha256": None if context.labels is None else hashlib.sha256(np.ascontiguousarray(context.labels)).hexdigest(),
+        "epochs": context.epochs, "batch_size": context.batch_size, "gmpq": context.gmpq, "classifier": context.classifier,
+    }
+    key = cache.score_key(analysis.loaded.sha256(), feeds_sha256(context.feeds), method, options.seed, context.target,
+                          context.candidates, settings)
+    scores = cache.load_scores(folder, key, context.candidates)
     if scores is not None:
         return scores, True
-    scores = qerror_scores(float_model, analysis.layers, candidates, feeds, target)
+    scores = score_layers(method, context)
     cache.save_scores(folder, key, scores)
     return scores, False

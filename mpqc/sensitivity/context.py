@@ -39,6 +39,9 @@ class SensitivityContext:
     # True when the labels are classes of the model's own output (MNIST digits for an MNIST model);
     # False for labelled data of other classes, which needs a proxy head on the float features.
     labels_match_model: bool = True
+    # False for models whose output is not class scores (sentence embeddings): methods then compare
+    # outputs with the float model's instead of fitting labels.
+    classifier: bool = True
     seed: int = 0
     # Indicator training (limpq, seam): passes over the proxy data and samples per step. The same
     # number of epochs on a smaller proxy set is proportionally less work, which is the point.

@@ -236,7 +236,7 @@ class _Objective:
         if loss == "mse":
             return cls(None)
         classes = _class_count(context)
-        if classes is None or not context.labels_match_model:
+        if classes is None or not context.classifier or not context.labels_match_model:
             if loss == "cross_entropy":
                 raise MpqcError("hawq's cross_entropy loss needs a classifier (output (N, classes)) and labels of its classes")
             return cls(None)
