@@ -126,17 +126,18 @@ class SearchProblem:
         return policy, record, document
 
 
-def resolve_method(options: "BuildOptions", module) -> str:
-    """The method asked for, else seam where there is a torch module to train and qerror where there is not."""
+def resolve_method(options: "BuildOptions", module, classifier: bool) -> str:
+    """The method asked for, else seam for a torch classifier; qerror where there is no torch module
+    to train (an .onnx file) or no classes to keep apart (an embedding model)."""
     if options.method is not None:
         check_method(options.method)
         return options.method
-    return DEFAULT_METHOD if module is not None else "qerror"
+    return DEFAULT_METHOD if module is not None and classifier else "qerror"
 
 
 def prepare_search(analysis, target: Target, float_model, feeds, options: "BuildOptions",
                    labels: np.ndarray | None = None) -> SearchProblem:
-    method = resolve_method(options, analysis.loaded.module)
+    method = resolve_method(options, analysis.loaded.module, getattr(analysis.loaded.example, "CLASSIFIER", True))
     if options.pareto is not None:
         if options.pareto not in PARETO_RESOURCES:
             raise MpqcError(f"unknown --pareto resource '{options.pareto}': use one of {', '.join(PARETO_RESOURCES)}")

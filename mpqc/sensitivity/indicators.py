@@ -1,0 +1,459 @@
+"""Learned importance indicators: `limpq` (Tang et al., ECCV 2022) and `seam` (SEAM, ACM MM 2023).
+
+A copy of the torch module gets LSQ quantizers on every layer (mpqc.sensitivity.lsq): one learnable
+step per layer per candidate weight bit-width and per candidate activation bit-width. Every step
+trains all of them jointly on the proxy data, sharing the weights:
+
+* one pass per candidate weight bit-width b at the uniform policy "b everywhere" (each layer that
+  offers b takes its candidate with b weight bits, its activations at that candidate's bit-width;
+  layers without b stay float),
+* one pass at a random mixed policy (each layer one of its quantized candidates, uniformly), seeded
+  from (seed, step),
+
+each backpropagated on its own, then one clipped Adam step (learning rates decayed to zero on a
+cosine over the run, so the final steps settle instead of wandering with the gradient noise). The loss is cross entropy with label
+smoothing 0.1 on the training labels; seam adds its compactness and margin terms
+(mpqc.sensitivity.margin) and `context.gmpq` adds GMPQ's attribution term
+(mpqc.sensitivity.gradcam). BatchNorm stays in eval mode: a few proxy samples per step would
+corrupt its statistics. Only the layers' weights and the steps train; the user's module is not
+touched.
+
+The learned steps are the indicators. score(layer, p) = s_a / rms_a + alpha * s_w / rms_w with
+alpha = 2 (LIMPQ's ILP objective), s_w and s_a the steps at p's weight and activation bit-widths,
+no activation part for weight-only precisions and 0 for fp32. Dividing each step by the RMS of
+what it quantizes (the layer's float weight; its float input over the proxy) is mpqc's choice:
+LIMPQ compares raw steps, which would rank layers by the scale of their tensors as much as by
+their sensitivity. LIMPQ's outlier rule: a lower bit-width whose step came out smaller than a
+higher bit-width's of the same layer did not learn a meaningful step, so its precisions get a
+prohibitive score for that layer.
+
+Labels: the proxy's labels when they are the model's classes, otherwise the float model's argmax.
+Labels of other classes (`labels_match_model=False`) cannot supervise the model's own logits:
+its cross entropy then fits the float model's argmax, and seam's terms use the labels through a
+proxy head trained on the float features.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mpqc.errors import MpqcError
+from mpqc.precision import precision
+from mpqc.sensitivity import distributed
+from mpqc.sensitivity.context import SensitivityContext
+from mpqc.sensitivity.gradcam import OutputCapture, attribution_loss, grad_cam, last_spatial_conv
+from mpqc.sensitivity.lsq import InputStatistics, LayerQuantizers, attach_quantizers, quantized_weight_parameter
+from mpqc.sensitivity.margin import MarginRegularizer
+
+ALPHA = 2.0  # LIMPQ: minimise sum(s_a + alpha * s_w)
+LABEL_SMOOTHING = 0.1
+# Adam learning rates relative to what they move: a layer's weights by 0.1% of their RMS per step at
+# most, a step size by 1% of its initial value, so steps can travel within a few dozen steps (a
+# 256-sample proxy at batch 16 is 16 steps an epoch). Smaller step rates agree better across seeds
+# but leave the steps near their initial values, which only describe the weight distribution.
+WEIGHT_LR = 1e-3
+STEP_LR = 1e-2
+MAX_GRAD_NORM = 10.0
+PROHIBITIVE = 1e6  # times the largest reliable score
+
+Setting = dict[str, tuple[int | None, int | None]]  # layer -> (weight bits, activation bits); None: float
+
+
+@dataclasses.dataclass
+class IndicatorResult:
+    scores: dict[tuple[str, str], float]
+    weight_steps: dict[str, dict[int, float]]  # layer -> weight bits -> learned step (raw)
+    activation_steps: dict[str, dict[int, float]]  # layer -> activation bits -> learned step (raw)
+    weight_rms: dict[str, float]
+    activation_rms: dict[str, float]
+    seconds: float  # wall time of the whole training, float pass included
+    optimizer_steps: int
+    rank_divergence: float = 0.0  # under DDP: this rank's largest relative step difference from rank 0's
+
+    def to_json(self) -> dict:
+        return {
+            "scores": [{"layer": layer, "precision": p, "score": s} for (layer, p), s in self.scores.items()],
+            "weight_steps": {layer: {str(b): s for b, s in steps.items()} for layer, steps in self.weight_steps.items()},
+            "activation_steps": {layer: {str(b): s for b, s in steps.items()} for layer, steps in self.activation_steps.items()},
+            "weight_rms": self.weight_rms,
+            "activation_rms": self.activation_rms,
+            "seconds": self.seconds,
+            "optimizer_steps": self.optimizer_steps,
+            "rank_divergence": self.rank_divergence,
+        }
+
+
+def limpq_scores(context: SensitivityContext) -> dict[tuple[str, str], float]:
+    return train_indicators(context, regularize=False, gmpq=context.gmpq).scores
+
+
+def seam_scores(context: SensitivityContext) -> dict[tuple[str, str], float]:
+    return train_indicators(context, regularize=True, gmpq=context.gmpq).scores
+
+
+def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) -> IndicatorResult:
+    """Trains the steps jointly (see the module docstring) and turns them into scores."""
+    clock = time.perf_counter()
+    context.require_module("seam" if regularize else "limpq")
+    rank, world_size = distributed.process_group()
+    quantized = QuantizedCopy.create(context)
+    attribution_module = None
+    if gmpq:
+        first = _inputs(context, np.arange(min(context.batch_size, context.sample_count)))
+        attribution_module = last_spatial_conv(quantized.model, first)
+        if attribution_module is None:
+            raise MpqcError("--gmpq needs a convolution with a 4-D output for Grad-CAM; this model has none")
+    reference = measure_float_model(context, quantized, with_features=regularize, attribution_module=attribution_module)
+    quantized.initialize_steps(reference.inputs)
+
+    labels, regularizer = _supervision(context, reference, regularize)
+    epochs = [distributed.shard_batches(context.sample_count, context.batch_size, context.seed, epoch, rank, world_size)
+              for epoch in range(context.epochs)]
+    total = sum(len(batches) for batches in epochs)
+    trainer = _Trainer(context, quantized, labels, regularizer, reference, attribution_module, world_size, total)
+    steps = 0
+    for batches in epochs:
+        for indices in batches:
+            trainer.step(indices, [*quantized.uniform_settings(), quantized.random_setting(context.seed, steps)])
+            steps += 1
+    trainer.close()
+
+    weight_steps, activation_steps, divergence = quantized.learned_steps(world_size)
+    weight_rms = quantized.weight_rms()
+    activation_rms = {layer: stats.rms for layer, stats in reference.inputs.items()}
+    scores = scores_from_steps(context.candidates, weight_steps, activation_steps, weight_rms, activation_rms)
+    return IndicatorResult(scores, weight_steps, activation_steps, weight_rms, activation_rms,
+                           time.perf_counter() - clock, steps, divergence)
+
+
+def scores_from_steps(
+    candidates: Mapping[str, Sequence[str]],
+    weight_steps: Mapping[str, Mapping[int, float]],
+    activation_steps: Mapping[str, Mapping[int, float]],
+    weight_rms: Mapping[str, float],
+    activation_rms: Mapping[str, float],
+    alpha: float = ALPHA,
+) -> dict[tuple[str, str], float]:
+    """(layer, precision) -> s_a / rms_a + alpha * s_w / rms_w; fp32 0; unreliable bit-widths prohibitive."""
+    scores: dict[tuple[str, str], float] = {}
+    unreliable: list[tuple[str, str]] = []
+    for layer, names in candidates.items():
+        bad_weight = unreliable_bits(weight_steps.get(layer, {}))
+        bad_activation = unreliable_bits(activation_steps.get(layer, {}))
+        for name in names:
+            p = precision(name)
+            if p.is_float:
+                scores[(layer, name)] = 0.0
+                continue
+            score = alpha * weight_steps[layer][p.weight_bits] / max(weight_rms[layer], 1e-12)
+            if p.activation_bits is not None:
+                score += activation_steps[layer][p.activation_bits] / max(activation_rms[layer], 1e-12)
+            scores[(layer, name)] = score
+            if p.weight_bits in bad_weight or p.activation_bits in bad_activation:
+                unreliable.append((layer, name))
+    top = max((s for key, s in scores.items() if key not in set(unreliable)), default=0.0)
+    for key in unreliable:
+        scores[key] = PROHIBITIVE * (top if top > 0 else 1.0)
+    return scores
+
+
+def unreliable_bits(steps: Mapping[int, float]) -> set[int]:
+    """LIMPQ's outlier rule: bit-widths whose step is smaller than some higher bit-width's step."""
+    return {b for b, s in steps.items() if any(s < other for higher, other in steps.items() if higher > b)}
+
+
+class QuantizedCopy:
+    """A deep copy of the user's module with LSQ quantizers on its layers, and the policies to train."""
+
+    def __init__(self, model: nn.Module, quantizers: dict[str, LayerQuantizers], owners: dict[str, str],
+                 choices: dict[str, list[tuple[int | None, int | None]]]):
+        self.model = model
+        self.quantizers = quantizers
+        self.owners = owners  # layer -> module name
+        self.choices = choices  # layer -> its quantized candidates as (w_bits, a_bits), candidate order
+        self.float_weight_rms = {owner: _rms(quantized_weight_parameter(model, owner)) for owner in set(owners.values())}
+
+    @classmethod
+    def create(cls, context: SensitivityContext) -> "QuantizedCopy":
+        modules = context.layer_modules()  # checks every layer has a module
+        owners = {layer.name: layer.name.split("#", 1)[0] for layer in context.layers}
+        choices = {layer.name: _quantized_choices(context.candidates.get(layer.name, ())) for layer in context.layers}
+        # Every call of a module gets quantizers once any of its calls is quantized: calls are matched
+        # to layers by their order, so none may be skipped.
+        quantized_owners = {owners[layer] for layer, options in choices.items() if options}
+        owners = {layer: owner for layer, owner in owners.items() if owner in quantized_owners}
+        choices = {layer: choices[layer] for layer in owners}
+        for layer in owners:
+            if not isinstance(getattr(modules[layer], "weight", None), nn.Parameter):
+                raise MpqcError(f"layer '{layer}' comes from a torch module without a weight parameter "
+                                f"({type(modules[layer]).__name__}): trained methods quantize module weights")
+        model = copy.deepcopy(context.require_module("this")).eval()
+        model.requires_grad_(False)
+        quantizers = attach_quantizers(
+            model, owners,
+            {layer: sorted({w for w, _ in options}) for layer, options in choices.items()},
+            {layer: sorted({a for _, a in options if a is not None}) for layer, options in choices.items()},
+        )
+        for owner in set(owners.values()):
+            quantized_weight_parameter(model, owner).requires_grad_(True)
+        return cls(model, quantizers, owners, choices)
+
+    def apply(self, setting: Setting) -> None:
+        for layer, quantizers in self.quantizers.items():
+            quantizers.setting = setting.get(layer, (None, None))
+
+    def uniform_settings(self) -> list[Setting]:
+        """One setting per candidate weight bit-width, widest first."""
+        widths = sorted({w for options in self.choices.values() for w, _ in options}, reverse=True)
+        settings = []
+        for bits in widths:
+            setting = {}
+            for layer, options in self.choices.items():
+                offered = [a for w, a in options if w == bits]
+                if offered:
+                    setting[layer] = (bits, _uniform_activation_bits(bits, offered))
+            settings.append(setting)
+        return settings
+
+    def random_setting(self, seed: int, step: int) -> Setting:
+        """Each layer one of its quantized candidates, uniformly; the same on every rank for (seed, step)."""
+        rng = np.random.default_rng([seed, step])
+        return {layer: options[int(rng.integers(len(options)))] for layer, options in self.choices.items() if options}
+
+    def initialize_steps(self, inputs: Mapping[str, InputStatistics]) -> None:
+        for layer, quantizers in self.quantizers.items():
+            quantizers.initialize(quantized_weight_parameter(self.model, self.owners[layer]), inputs[layer])
+
+    def trainable_parameter_groups(self) -> list[dict]:
+        groups = []
+        for owner in dict.fromkeys(self.owners.values()):
+            weight = quantized_weight_parameter(self.model, owner)
+            groups.append({"params": [weight], "lr": WEIGHT_LR * _rms(weight)})
+        for quantizers in self.quantizers.values():
+            for quantizer in [*quantizers.weight.values(), *quantizers.activation.values()]:
+                groups.append({"params": [quantizer.step], "lr": STEP_LR * quantizer.step.item()})
+        return groups
+
+    def weight_rms(self) -> dict[str, float]:
+        return {layer: self.float_weight_rms[self.owners[layer]] for layer in self.quantizers}
+
+    def learned_steps(self, world_size: int) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]], float]:
+        """(weight steps, activation steps) per layer, rank 0's under DDP, and this rank's drift from them."""
+        keys, values = [], []
+        for layer, quantizers in self.quantizers.items():
+            for kind, table in zip(("weight", "activation"), quantizers.steps()):
+                for bits, step in table.items():
+                    keys.append((kind, layer, bits))
+                    values.append(step)
+        agreed, divergence = distributed.adopt_rank_zero(torch.tensor(values, dtype=torch.float64), world_size)
+        steps: dict[str, dict[str, dict[int, float]]] = {kind: {layer: {} for layer in self.quantizers}
+                                                         for kind in ("weight", "activation")}
+        for (kind, layer, bits), value in zip(keys, agreed.tolist()):
+            steps[kind][layer][bits] = value
+        return steps["weight"], steps["activation"], divergence
+
+
+@dataclasses.dataclass
+class FloatReference:
+    """What the float model does on the proxy: per-layer input statistics, predictions, features, maps."""
+
+    inputs: dict[str, InputStatistics]
+    predictions: np.ndarray  # (N,) argmax of the float logits
+    classes: int  # number of logits
+    features: np.ndarray | None  # (N, D) penultimate features (the classifier's input), when asked for
+    maps: torch.Tensor | None  # (N, H, W) float Grad-CAM maps of the predicted class, when asked for
+
+
+def measure_float_model(context: SensitivityContext, quantized: QuantizedCopy, with_features: bool,
+                        attribution_module: nn.Module | None) -> FloatReference:
+    """One float pass over the whole proxy, in order (the same on every rank, no communication)."""
+    model = quantized.model
+    quantized.apply({})
+    statistics = {layer: InputStatistics() for layer in quantized.quantizers}
+    for layer, quantizers in quantized.quantizers.items():
+        quantizers.statistics = statistics[layer]
+    classifier = _classifier(context, model) if with_features else None
+    capture = _InputCapture(classifier) if classifier is not None else None
+    predictions, features, maps = [], [], []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        model.requires_grad_(False)  # Grad-CAM needs gradients to the feature map only
+        for start in range(0, context.sample_count, context.batch_size):
+            inputs = _inputs(context, np.arange(start, min(start + context.batch_size, context.sample_count)))
+            if attribution_module is not None:
+                logits, batch_maps = _float_attribution(model, attribution_module, inputs)
+                maps.append(batch_maps)
+            else:
+                with torch.no_grad():
+                    logits = model(*inputs)
+            _check_classifier_output(logits)
+            predictions.append(logits.argmax(dim=1).numpy())
+            if capture is not None:
+                if capture.output is None or not torch.equal(capture.output.detach(), logits.detach()):
+                    raise MpqcError("seam needs the model's last layer to compute its logits (the classifier on "
+                                    "the penultimate features); this model's output is computed after it: use limpq")
+                features.append(capture.value.detach().flatten(1).numpy())
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for quantizers in quantized.quantizers.values():
+            quantizers.statistics = None
+        if capture is not None:
+            capture.remove()
+    return FloatReference(
+        statistics,
+        np.concatenate(predictions).astype(np.int64),
+        int(logits.shape[1]),
+        np.concatenate(features) if features else None,
+        torch.cat(maps) if maps else None,
+    )
+
+
+class _Trainer:
+    """One optimizer step = one backward per policy, then a clipped Adam step."""
+
+    def __init__(self, context: SensitivityContext, quantized: QuantizedCopy, labels: np.ndarray,
+                 regularizer: tuple[MarginRegularizer, np.ndarray] | None, reference: FloatReference,
+                 attribution_module: nn.Module | None, world_size: int, total_steps: int):
+        self.context = context
+        self.quantized = quantized
+        self.labels = torch.from_numpy(labels)
+        self.regularizer = regularizer
+        self.float_maps = reference.maps
+        self.float_classes = torch.from_numpy(reference.predictions)
+        self.parallel = distributed.data_parallel(quantized.model, world_size)
+        self.parameters = [p for p in quantized.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(quantized.trainable_parameter_groups())
+        # Cosine decay to zero: the last steps average out the gradient noise instead of adding to it.
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(total_steps, 1))
+        self.features = _InputCapture(_classifier(context, quantized.model)) if regularizer is not None else None
+        self.feature_map = OutputCapture(attribution_module) if attribution_module is not None else None
+
+    def step(self, indices: np.ndarray, settings: list[Setting]) -> None:
+        inputs = _inputs(self.context, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        for setting in settings:
+            self.quantized.apply(setting)
+            self._loss(inputs, indices).backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.schedule.step()
+
+    def _loss(self, inputs: tuple[torch.Tensor, ...], indices: np.ndarray) -> torch.Tensor:
+        logits = self.parallel(*inputs)
+        labels = self.labels[indices]
+        loss = F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+        if self.regularizer is not None:
+            regularizer, regularizer_labels = self.regularizer
+            features = self.features.value.flatten(1)
+            loss = loss + regularizer(features, logits, torch.from_numpy(regularizer_labels[indices]))
+        if self.float_maps is not None:
+            # Both maps explain the float model's decision: Grad-CAM of the float argmax in each.
+            maps = grad_cam(logits, self.feature_map.value, self.float_classes[indices])
+            loss = loss + attribution_loss(self.float_maps[indices], maps)
+        return loss
+
+    def close(self) -> None:
+        for capture in (self.features, self.feature_map):
+            if capture is not None:
+                capture.remove()
+
+
+def _supervision(context: SensitivityContext, reference: FloatReference,
+                 regularize: bool) -> tuple[np.ndarray, tuple[MarginRegularizer, np.ndarray] | None]:
+    """(labels of the cross entropy on the model's logits, (seam regularizer, its labels) or None)."""
+    given = context.labels
+    if given is not None and len(given) != context.sample_count:
+        raise MpqcError(f"{len(given)} proxy labels for {context.sample_count} proxy samples")
+    if given is not None and context.labels_match_model and (given.min() < 0 or given.max() >= reference.classes):
+        raise MpqcError(f"proxy labels run from {given.min()} to {given.max()} but the model has {reference.classes} "
+                        "outputs: labels of other classes need labels_match_model=False")
+    # training_labels() with the float argmax already computed by the float pass.
+    labels = given.astype(np.int64) if given is not None and context.labels_match_model else reference.predictions
+    if not regularize:
+        return labels, None
+    if given is not None and not context.labels_match_model:
+        other = given.astype(np.int64)
+        return labels, (MarginRegularizer.fit(reference.features, other, int(other.max()) + 1, proxy_head=True), other)
+    return labels, (MarginRegularizer.fit(reference.features, labels, reference.classes, proxy_head=False), labels)
+
+
+class _InputCapture:
+    """Keeps the float input (before its quantizer) and the output of the classifier's last call."""
+
+    def __init__(self, module: nn.Module):
+        self.value: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self._handles = [module.register_forward_pre_hook(self._keep_input, prepend=True),
+                         module.register_forward_hook(self._keep_output)]
+
+    def _keep_input(self, _module, args):
+        self.value = args[0]
+
+    def _keep_output(self, _module, _args, output):
+        self.output = output
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _classifier(context: SensitivityContext, model: nn.Module) -> nn.Module:
+    """The module of the model's last layer, whose input is the penultimate features."""
+    return model.get_submodule(context.layers[-1].name.split("#", 1)[0])
+
+
+def _float_attribution(model: nn.Module, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float logits, Grad-CAM maps of their argmax), with gradients flowing from the feature map on only."""
+    capture: list[torch.Tensor] = []
+
+    def start_graph_here(_module, _args, output):
+        capture.append(output.detach().requires_grad_(True))
+        return capture[-1]
+
+    handle = module.register_forward_hook(start_graph_here)
+    try:
+        with torch.enable_grad():
+            logits = model(*inputs)
+            maps = grad_cam(logits, capture[-1], logits.argmax(dim=1))
+    finally:
+        handle.remove()
+    return logits.detach(), maps.detach()
+
+
+def _check_classifier_output(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise MpqcError(f"limpq and seam train a classifier (output of shape (N, classes)); this model's output is "
+                        f"{shape}: use --method qerror or hawq")
+
+
+def _quantized_choices(names: Sequence[str]) -> list[tuple[int | None, int | None]]:
+    """A layer's quantized candidates as distinct (weight bits, activation bits), in candidate order."""
+    return list(dict.fromkeys((p.weight_bits, p.activation_bits) for p in map(precision, names) if not p.is_float))
+
+
+def _uniform_activation_bits(weight_bits: int, offered: list[int | None]) -> int | None:
+    """The activation bit-width of a layer in the uniform b-bit policy: b itself where offered, else
+    the narrowest quantized one (so activation steps train too), else weight-only."""
+    quantized = sorted(a for a in offered if a is not None)
+    if weight_bits in quantized:
+        return weight_bits
+    return quantized[0] if quantized else None
+
+
+def _inputs(context: SensitivityContext, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(context.feeds[name][indices])) for name in context.input_names)
+
+
+def _rms(tensor: torch.Tensor) -> float:
+    return math.sqrt(float(tensor.detach().double().pow(2).mean()))
