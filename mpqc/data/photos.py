@@ -97,7 +97,10 @@ def _one_crop(split: str, index: int, seed: int) -> np.ndarray:
     image = load_photo(photos[index % len(photos)])
     # Seeding per (seed, split, crop index) makes every crop independent of
     # ``count``, so a smaller request is an exact prefix of a larger one.
-    rng = np.random.default_rng((seed, _SPLIT_IDS[split], index))
+    return _random_crop(image, np.random.default_rng((seed, _SPLIT_IDS[split], index)))
+
+
+def _random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     top, left, ch, cw = _crop_box(rng, *image.shape[:2])
     crop = image[top : top + ch, left : left + cw]
     if rng.random() < 0.5:
@@ -123,3 +126,19 @@ def photo_crops(split: str, count: int | None = None, seed: int = 0) -> np.ndarr
 def _cached_crops(split: str, count: int, seed: int) -> np.ndarray:
     crops = np.stack([_one_crop(split, i, seed) for i in range(count)])
     return normalize(crops)
+
+
+# Not one of the splits above: a different source of photographs (scikit-learn ships two), used
+# as a cross-dataset proxy for searches whose target is the skimage photographs.
+_OTHER_DATASET_ID = 2
+
+
+def sample_image_crops(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` crops of scikit-learn's two sample photographs (china, flower), made like ``photo_crops``."""
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    from sklearn.datasets import load_sample_images
+
+    images = [np.asarray(image, dtype=np.float64) for image in load_sample_images().images]
+    crops = [_random_crop(images[i % len(images)], np.random.default_rng((seed, _OTHER_DATASET_ID, i))) for i in range(count)]
+    return normalize(np.stack(crops))

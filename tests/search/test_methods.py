@@ -1,0 +1,72 @@
+"""`mpqc build --policy search --method ...` end to end on the bundled mnist-cnn: every method scores,
+the ILP spends the BitOps budget, and a method that needs a torch module refuses an .onnx file."""
+
+import json
+
+import pytest
+
+from mpqc.cli import main
+
+# mnist-cnn costs 598,138,880 BitOps at w8a8 everywhere and half that at INT4: the middle forces a mix.
+MIDDLE_BITOPS = "450e6"
+
+
+def _build(capsys, tmp_path, *extra) -> tuple[int, dict | str]:
+    argv = ["build", "mnist-cnn", "--policy", "search", "--evaluate-only", "--no-measure", "--no-cache",
+            "--proxy-limit", "64", "--epochs", "1", "--budget-bitops", MIDDLE_BITOPS, "--out", str(tmp_path / "out"), *extra]
+    code = main([*argv, "--json"])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out)["build"] if code == 0 else captured.err)
+
+
+@pytest.mark.parametrize("method", ["seam", "limpq", "hawq", "qerror"])
+def test_each_method_builds_a_mixed_policy_within_the_budget(method, tmp_path, capsys):
+    code, record = _build(capsys, tmp_path, "--method", method)
+    assert code == 0
+    assert record["search"]["method"] == method
+    assert record["policy"]["source"] == f"search:{method}"
+    counts = record["policy"]["counts"]
+    assert counts.get("w4a8", 0) > 0 and counts.get("w8a8", 0) > 0, counts
+    policy = json.loads((tmp_path / "out" / "policy.json").read_text())["layers"]
+    assert set(policy) == {row["name"] for row in record["layers"]}
+
+
+def test_seam_is_the_default_for_a_torch_classifier(tmp_path, capsys):
+    code, record = _build(capsys, tmp_path)
+    assert code == 0 and record["search"]["method"] == "seam"
+
+
+def test_the_same_seed_gives_the_same_policy(tmp_path, capsys):
+    _, first = _build(capsys, tmp_path / "a", "--method", "limpq", "--seed", "3")
+    _, second = _build(capsys, tmp_path / "b", "--method", "limpq", "--seed", "3")
+    assert (tmp_path / "a" / "out" / "policy.json").read_bytes() == (tmp_path / "b" / "out" / "policy.json").read_bytes()
+    assert (tmp_path / "a" / "out" / "model.qdq.onnx").read_bytes() == (tmp_path / "b" / "out" / "model.qdq.onnx").read_bytes()
+
+
+def _onnx_file(tinynet, tmp_path) -> tuple[str, str]:
+    import onnx
+
+    from mpqc.build import analyze
+
+    spec, proxy = tinynet
+    path = tmp_path / "tinynet.onnx"
+    onnx.save(analyze(spec).loaded.model, path)
+    return str(path), str(proxy)
+
+
+def test_a_trained_method_on_an_onnx_file_says_what_to_do(tinynet, tmp_path, capsys):
+    model, proxy = _onnx_file(tinynet, tmp_path)
+    code = main(["build", model, "--proxy", proxy, "--policy", "search", "--method", "seam", "--budget-bytes", "1e9",
+                 "--no-measure", "--no-cache", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--method seam trains on the torch model" in err and "--method qerror" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_onnx_file_defaults_to_qerror(tinynet, tmp_path, capsys):
+    model, proxy = _onnx_file(tinynet, tmp_path)
+    assert main(["build", model, "--proxy", proxy, "--policy", "search", "--budget-bytes", "6000", "--no-measure",
+                 "--no-cache", "--out", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["build"]["search"]["method"] == "qerror"
