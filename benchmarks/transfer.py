@@ -34,7 +34,7 @@ from mpqc.costmodel.table import LatencyTable
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.search.ilp import bitops_and_size, smallest, solve
-from mpqc.sensitivity.context import SensitivityContext
+from mpqc.search.policy_search import sensitivity_context
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
 from mpqc.versions import machine, versions
@@ -212,11 +212,8 @@ def main() -> int:
         for proxy in PROXIES[args.model](seed, args.full):
             proxies_described[proxy.name] = {"description": proxy.description, "samples": len(proxy.feeds["image"])}
             for method in args.methods:
-                context = SensitivityContext(
-                    float_model=float_model, layers=analysis.layers, candidates=score_candidates, target=target,
-                    feeds=proxy.feeds, input_names=tuple(analysis.loaded.input_names), module=analysis.loaded.module,
-                    labels=proxy.labels, classifier=example.CLASSIFIER, seed=seed, epochs=args.epochs,
-                )
+                options = BuildOptions(model=args.model, seed=seed, epochs=args.epochs)
+                context = sensitivity_context(analysis, target, float_model, proxy.feeds, score_candidates, options, proxy.labels)
                 clock = time.perf_counter()
                 scores = score_layers(method, context)
                 scoring_s = time.perf_counter() - clock

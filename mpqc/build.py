@@ -52,7 +52,7 @@ class BuildOptions:
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
     bias_correction: bool = True
     # --policy search: the ILP chooses per layer under these budgets (any combination).
-    method: str | None = None  # sensitivity method; None: seam for torch models, qerror for .onnx files
+    method: str | None = None  # sensitivity method; None: hawq for torch classifiers, else qerror
     epochs: int = 3  # indicator training passes over the proxy data (limpq, seam)
     gmpq: bool = False  # add the attribution-imitation term to indicator training
     budget_ms: float | None = None
@@ -124,7 +124,7 @@ def proxy_labels(options: BuildOptions, loaded: LoadedModel, count: int) -> np.n
     """Labels for the trained sensitivity methods: a "labels" array in --proxy's .npz, or the bundled
     example's own; None lets them label samples with the float model's predictions."""
     if options.proxy is not None:
-        labels = load_npz(options.proxy).get("labels")
+        labels = load_npz(options.proxy, only="labels").get("labels")
     elif loaded.example is not None and hasattr(loaded.example, "proxy_labels"):
         labels = loaded.example.proxy_labels(count)
     else:

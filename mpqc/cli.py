@@ -223,7 +223,9 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
     parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
-    parser.add_argument("--method", choices=["seam", "limpq", "hawq", "qerror"],
+    from mpqc.sensitivity.methods import METHODS
+
+    parser.add_argument("--method", choices=list(METHODS),
                         help="sensitivity for --policy search (default: hawq for torch classifiers, else qerror)")
     parser.add_argument("--epochs", type=int, default=3, help="indicator training passes over the proxy data (seam, limpq)")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")

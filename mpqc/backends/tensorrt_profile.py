@@ -33,21 +33,11 @@ from mpqc.backends.tensorrt import (
 from mpqc.backends.tensorrt_inspect import attribute_layer_times, layer_precisions
 from mpqc.build import Analysis, BuildOptions, Lowering
 from mpqc.costmodel.policies import uniform_policies
-from mpqc.costmodel.profile import (
-    EDGE_KINDS,
-    edge_elements,
-    edge_features,
-    fitting_policies,
-    layer_terms,
-    model_key,
-    unfused_penalties,
-)
+from mpqc.costmodel.profile import fit_boundaries, fitting_policies, layer_terms, model_key
 from mpqc.costmodel.table import LatencyTable, fingerprint_id
 from mpqc.errors import MpqcError
-from mpqc.passes.layer_graph import layer_edges
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
-from mpqc.search.ilp import LatencyModel
 from mpqc.targets import Target
 
 
@@ -133,31 +123,6 @@ def profile_layers_trt(analysis: Analysis, target: Target, table: LatencyTable, 
             todo.discard(key)
 
 
-def fit_boundaries_trt(analysis: Analysis, target: Target, engines: _Engines, terms, policies: list[Policy], batch: int) -> dict:
-    """Least squares for the edge-kind coefficients and the overhead, from engine latencies.
-
-    The same model as mpqc.costmodel.profile.fit_boundaries, with end-to-end times from TensorRT
-    engines instead of ONNX Runtime sessions.
-    """
-    edges = layer_edges(analysis.model, analysis.layers)
-    elements = edge_elements(analysis, batch)
-    specific = LatencyModel(terms, edges, {}, 0.0, unfused_penalties(analysis, target, terms, edges))
-    rows, targets = [], []
-    for policy in policies:
-        rows.append(np.concatenate([edge_features(edges, elements, policy), [1.0]]))
-        targets.append(engines.measure(policy) - specific.predict(policy.as_dict))
-    solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
-    residual = np.array(rows) @ solution - np.array(targets)
-    kinds = [f"{int(a)}{int(b)}" for a, b in EDGE_KINDS]
-    return {
-        "boundary_ms": dict(zip(kinds, map(float, solution[:3]))),
-        "boundary_ms_per_million_elements": dict(zip(kinds, map(float, solution[3:6]))),
-        "overhead_ms": float(solution[6]),
-        "fit_policies": [p.source for p in policies],
-        "fit_rms_residual_ms": float(np.sqrt(np.mean(residual**2))),
-    }
-
-
 def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int, options: BuildOptions, *, tables=None,
                 fit_policies: int = 12, runs: int = 50, layer_runs: int = 20, force: bool = False, progress: bool = True) -> dict:
     """Measure the TensorRT latency table of `analysis` on this GPU and fit its boundary terms.
@@ -181,8 +146,9 @@ def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int, opt
     key = model_key(analysis, batch)
     if force or key not in table.models:
         terms = layer_terms(analysis, target, table, batch)
-        table.models[key] = fit_boundaries_trt(analysis, target, engines, terms,
-                                               fitting_policies(analysis, target, fit_policies, options.seed), batch)
+        # The boundary fit of the ONNX Runtime tables, on end-to-end engine latencies.
+        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, options.seed),
+                                           batch, engines.measure)
         table.save()
     return {"table": str(table.path), "layers": {"distinct": len(signatures), "measured": measured,
                                                  "reused": len(signatures) - measured}, "fit": table.models[key]}

@@ -136,14 +136,18 @@ def edge_features(edges, elements: dict[str, float], policy: Policy) -> np.ndarr
     return np.concatenate([counts, sizes])
 
 
-def fit_boundaries(analysis, target, lowering, terms, feeds, policies: list[Policy], runs: int, batch: int) -> dict:
-    """Least squares for the edge-kind coefficients and the overhead from whole-model latencies."""
+def fit_boundaries(analysis, target, terms, policies: list[Policy], batch: int, measure) -> dict:
+    """Least squares for the edge-kind coefficients and the overhead from whole-model latencies.
+
+    measure(policy) -> milliseconds, end to end on the target's runtime (an ONNX Runtime session,
+    a TensorRT engine): the fit is the same whatever runs the model.
+    """
     edges = layer_edges(analysis.model, analysis.layers)
     elements = edge_elements(analysis, batch)
     specific = LatencyModel(terms, edges, {}, 0.0, unfused_penalties(analysis, target, terms, edges))
     rows, targets = [], []
     for policy in policies:
-        measured = measure_model(lowering, policy, feeds, runs)
+        measured = measure(policy)
         rows.append(np.concatenate([edge_features(edges, elements, policy), [1.0]]))
         targets.append(measured - specific.predict(policy.as_dict))
     solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
@@ -199,7 +203,7 @@ def profile(analysis, target, table, feeds, batch: int, options: BuildOptions, f
     if force or key not in table.models:
         terms = layer_terms(analysis, target, table, batch)
         lowering = Lowering.prepare(analysis, target, feeds["calibration"], options)
-        table.models[key] = fit_boundaries(analysis, target, lowering, terms, feeds["timing"],
-                                           fitting_policies(analysis, target, fit_policies, options.seed), runs, batch)
+        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, options.seed),
+                                           batch, lambda policy: measure_model(lowering, policy, feeds["timing"], runs))
         table.save()
     return {"table": str(table.path), "layers": counts, "fit": table.models[key]}

@@ -14,13 +14,14 @@ _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
            onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.UINT8: np.uint8}
 
 
-def load_npz(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+def load_npz(path: str | pathlib.Path, only: str | None = None) -> dict[str, np.ndarray]:
+    """The archive's arrays by name; with `only`, just that one (if present): an .npz reads lazily."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise MpqcError(f"proxy data '{path}' does not exist")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+            return {name: archive[name] for name in archive.files if only is None or name == only}
     except Exception:
         raise MpqcError(f"proxy data '{path}' is not a readable .npz archive (arrays keyed by input name)") from None
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from mpqc.errors import MpqcError
-from mpqc.sensitivity.context import SensitivityContext
+
+if TYPE_CHECKING:  # the CLI reads METHODS for --method's choices: keep importing this module cheap
+    from mpqc.sensitivity.context import SensitivityContext
 
 # name -> (module, function). Imported on use: the trained methods pull in more of torch.
 METHODS = {
@@ -24,7 +27,7 @@ def check_method(name: str) -> None:
         raise MpqcError(f"unknown search method '{name}': use one of {', '.join(METHODS)}")
 
 
-def score_layers(method: str, context: SensitivityContext) -> dict[tuple[str, str], float]:
+def score_layers(method: str, context: "SensitivityContext") -> dict[tuple[str, str], float]:
     """(layer, precision) -> score for every candidate of every layer; fp32 scores 0."""
     check_method(method)
     module_name, function = METHODS[method]
