@@ -18,14 +18,15 @@ smoothing 0.1 on the training labels; seam adds its compactness and margin terms
 corrupt its statistics. Only the layers' weights and the steps train; the user's module is not
 touched.
 
-The learned steps are the indicators. score(layer, p) = s_a / rms_a + alpha * s_w / rms_w with
-alpha = 2 (LIMPQ's ILP objective), s_w and s_a the steps at p's weight and activation bit-widths,
-no activation part for weight-only precisions and 0 for fp32. Dividing each step by the RMS of
-what it quantizes (the layer's float weight; its float input over the proxy) is mpqc's choice:
-LIMPQ compares raw steps, which would rank layers by the scale of their tensors as much as by
-their sensitivity. LIMPQ's outlier rule: a lower bit-width whose step came out smaller than a
-higher bit-width's of the same layer did not learn a meaningful step, so its precisions get a
-prohibitive score for that layer.
+The learned steps are the indicators, scored as LIMPQ's ILP objective: score(layer, p) =
+s_a + alpha * s_w with alpha = 2, s_w and s_a the raw steps at p's weight and activation bit-widths,
+no activation part for weight-only precisions and 0 for fp32. An earlier mpqc version divided each
+step by the RMS of what it quantizes; that leaves little more than the LSQ initial step relative to
+the tensor, the same for every layer, and its EfficientNet-Lite0 policies fell to random ones in the
+transfer benchmark, where the raw steps beat them. LIMPQ's outlier rule: a lower bit-width whose step
+came out smaller than a higher bit-width's of the same layer did not learn a meaningful step, so its
+precisions get a prohibitive score for that layer. The RMS of each weight and of each layer's input
+stay in the result, to read the steps against.
 
 Labels: the proxy's labels when they are the model's classes, otherwise the float model's argmax.
 Labels of other classes (`labels_match_model=False`) cannot supervise the model's own logits:
@@ -130,7 +131,7 @@ def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) 
     weight_steps, activation_steps, divergence = quantized.learned_steps(world_size)
     weight_rms = quantized.weight_rms()
     activation_rms = {layer: stats.rms for layer, stats in reference.inputs.items()}
-    scores = scores_from_steps(context.candidates, weight_steps, activation_steps, weight_rms, activation_rms)
+    scores = scores_from_steps(context.candidates, weight_steps, activation_steps)
     return IndicatorResult(scores, weight_steps, activation_steps, weight_rms, activation_rms,
                            time.perf_counter() - clock, steps, divergence)
 
@@ -139,11 +140,9 @@ def scores_from_steps(
     candidates: Mapping[str, Sequence[str]],
     weight_steps: Mapping[str, Mapping[int, float]],
     activation_steps: Mapping[str, Mapping[int, float]],
-    weight_rms: Mapping[str, float],
-    activation_rms: Mapping[str, float],
     alpha: float = ALPHA,
 ) -> dict[tuple[str, str], float]:
-    """(layer, precision) -> s_a / rms_a + alpha * s_w / rms_w; fp32 0; unreliable bit-widths prohibitive."""
+    """(layer, precision) -> s_a + alpha * s_w; fp32 0; unreliable bit-widths prohibitive."""
     scores: dict[tuple[str, str], float] = {}
     unreliable: list[tuple[str, str]] = []
     for layer, names in candidates.items():
@@ -154,9 +153,9 @@ def scores_from_steps(
             if p.is_float:
                 scores[(layer, name)] = 0.0
                 continue
-            score = alpha * weight_steps[layer][p.weight_bits] / max(weight_rms[layer], 1e-12)
+            score = alpha * weight_steps[layer][p.weight_bits]
             if p.activation_bits is not None:
-                score += activation_steps[layer][p.activation_bits] / max(activation_rms[layer], 1e-12)
+                score += activation_steps[layer][p.activation_bits]
             scores[(layer, name)] = score
             if p.weight_bits in bad_weight or p.activation_bits in bad_activation:
                 unreliable.append((layer, name))
