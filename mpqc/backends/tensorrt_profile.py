@@ -16,7 +16,6 @@ the GPU, compute capability and TensorRT version instead of the CPU and ONNX Run
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +24,6 @@ from mpqc.backends.tensorrt import (
     TensorRTRunner,
     batch_range,
     build_engine,
-    device_fingerprint,
     prepare_for_tensorrt,
     require_tensorrt,
     timing_cache_path,
@@ -34,37 +32,11 @@ from mpqc.backends.tensorrt_inspect import attribute_layer_times, layer_precisio
 from mpqc.build import Analysis, BuildOptions, Lowering
 from mpqc.costmodel.policies import uniform_policies
 from mpqc.costmodel.profile import fit_boundaries, fitting_policies, layer_terms, model_key
-from mpqc.costmodel.table import LatencyTable, fingerprint_id
+from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.targets import Target
-
-
-def tensorrt_fingerprint(target: Target) -> dict:
-    return {"target": target.name, **device_fingerprint(),
-            "builder_optimization_level": int(target.runtime.get("builder_optimization_level", 3))}
-
-
-def tensorrt_table(target: Target, folder=None) -> LatencyTable:
-    """This GPU's latency table for a TensorRT target (empty if never measured here).
-
-    Same folder and format as LatencyTable.for_target; only the fingerprint differs.
-    """
-    import pathlib
-
-    print_ = tensorrt_fingerprint(target)
-    folder = pathlib.Path(folder) if folder else target.path.parent / target.name
-    path = folder / f"{fingerprint_id(print_)}.json"
-    if not path.is_file():
-        return LatencyTable(path, print_, {}, {})
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise MpqcError(f"latency table '{path}' is not valid JSON; delete it and run 'mpqc profile' again") from None
-    if data.get("fingerprint") != print_:
-        raise MpqcError(f"latency table '{path}' was measured on another GPU or TensorRT version; run 'mpqc profile' here")
-    return LatencyTable(path, print_, data.get("entries", {}), data.get("models", {}))
 
 
 class _Engines:
@@ -135,7 +107,7 @@ def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int, opt
     plugin = bool(target.plugins.get("int4_conv")) and any(
         "w4a8" in [p.name for p in target.precisions_for(layer.op_type)] for layer in analysis.layers if layer.op_type == "Conv")
     require_tensorrt(needs_plugin=plugin)
-    table = tensorrt_table(target, tables)
+    table = LatencyTable.for_target(target, tables)
     lowering = Lowering.prepare(analysis, target, feeds["calibration"], options)
     engines = _Engines(lowering, target, batch, tables, feeds["timing"], runs)
     signatures = {(layer_signature(analysis.model, layer).key(), p.name)

@@ -1,7 +1,8 @@
 """Measured latency tables: one JSON file per (target, machine, runtime), keyed by layer signature.
 
 A table is only valid on the machine and runtime that measured it, so its file name is derived
-from that fingerprint; a table for another CPU or another ONNX Runtime version is never read.
+from that fingerprint; a table for another CPU or ONNX Runtime version, or for another GPU or
+TensorRT version, is never read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from mpqc.versions import machine, versions
 
 
 def fingerprint(target: Target) -> dict:
-    """What a measurement depends on besides the layer: CPU, cores, threads, runtime version."""
+    """What a measurement depends on besides the layer: CPU, cores, threads, runtime version; for
+    TensorRT targets the GPU, its compute capability, the TensorRT version and the builder level."""
+    if target.backend == "tensorrt":
+        # Imported here: only TensorRT targets need TensorRT and a GPU to say where they run.
+        from mpqc.backends.tensorrt import device_fingerprint
+
+        return {"target": target.name, **device_fingerprint(),
+                "builder_optimization_level": int(target.runtime.get("builder_optimization_level", 3))}
     info = machine()
     return {
         "target": target.name,
@@ -60,7 +68,7 @@ class LatencyTable:
         except json.JSONDecodeError:
             raise MpqcError(f"latency table '{path}' is not valid JSON; delete it and run 'mpqc profile' again") from None
         if data.get("fingerprint") != print_:
-            raise MpqcError(f"latency table '{path}' was measured on another machine or runtime; run 'mpqc profile' here")
+            raise MpqcError(f"latency table '{path}' was measured on another machine, GPU or runtime; run 'mpqc profile' here")
         return cls(path, print_, data.get("entries", {}), data.get("models", {}))
 
     def lookup(self, signature_key: str, precision: str, batch: int) -> float | None:

@@ -333,10 +333,10 @@ def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(m
     from mpqc.backends import tensorrt_profile
     from mpqc.build import BuildOptions, analyze
     from mpqc.costmodel.profile import latency_model
+    from mpqc.costmodel.table import LatencyTable
 
     fingerprint = {"gpu": "test GPU", "compute_capability": "8.7", "runtime": "tensorrt 0.0"}
     monkeypatch.setattr(tensorrt_profile, "require_tensorrt", lambda needs_plugin=False: None)
-    monkeypatch.setattr(tensorrt_profile, "device_fingerprint", lambda: fingerprint)
     monkeypatch.setattr(trt_backend, "device_fingerprint", lambda: fingerprint)
     monkeypatch.setattr(tensorrt_profile, "build_engine", lambda model, target, **kwargs: model)
     monkeypatch.setattr(tensorrt_profile, "TensorRTRunner", _FakeRunner)
@@ -345,7 +345,7 @@ def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(m
     images = analysis.loaded.example.eval_feeds()[0]["image"]
     feeds = {"calibration": {"image": images[:32]}, "timing": {"image": images[:1]}}
     first = tensorrt_profile.profile_trt(analysis, target, feeds, 1, options, tables=tmp_path, fit_policies=2, runs=1, progress=False)
-    table = tensorrt_profile.tensorrt_table(target, tmp_path)
+    table = LatencyTable.for_target(target, tmp_path)
     assert table.fingerprint["gpu"] == "test GPU" and first["table"] == str(table.path)
     assert first["layers"]["measured"] == first["layers"]["distinct"] > 0 and first["layers"]["reused"] == 0
     entries = table.entries.values()
@@ -360,3 +360,28 @@ def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(m
     assert model.predict({layer.name: "fp32" for layer in analysis.layers}) > 0
     again = tensorrt_profile.profile_trt(analysis, target, feeds, 1, options, tables=tmp_path, fit_policies=2, runs=1, progress=False)
     assert again["layers"]["measured"] == 0 and again["layers"]["reused"] == first["layers"]["distinct"]
+
+
+def test_tensorrt_latency_tables_are_kept_per_gpu_and_another_gpus_table_is_refused(monkeypatch, tmp_path):
+    from mpqc.costmodel.table import LatencyTable
+
+    target = trt_backend_target()
+    gpu = {"gpu": "GPU A", "compute_capability": "8.7", "runtime": "tensorrt 0.0"}
+    monkeypatch.setattr(trt_backend, "device_fingerprint", lambda: gpu)
+    first = LatencyTable.for_target(target, tmp_path)
+    assert first.fingerprint == {"target": "trt-orin", **gpu, "builder_optimization_level": 3}
+    first.save()
+    gpu = {**gpu, "gpu": "GPU B"}
+    second = LatencyTable.for_target(target, tmp_path)
+    assert second.path != first.path and second.entries == {}
+    second.path.write_text(first.path.read_text())  # a table copied over from GPU A
+    with pytest.raises(MpqcError, match="measured on another machine, GPU or runtime; run 'mpqc profile' here$"):
+        LatencyTable.for_target(target, tmp_path)
+
+
+def test_a_millisecond_search_for_a_tensorrt_target_without_tensorrt_is_one_line(without_tensorrt, tmp_path, capsys):
+    out = tmp_path / "build"
+    assert main(["build", "mnist-cnn", "--target", "trt-orin", "--policy", "search", "--budget-ms", "1",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"mpqc: error: {trt_backend.MISSING_TENSORRT}\n"
+    assert not out.exists()
