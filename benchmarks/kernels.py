@@ -1,7 +1,12 @@
 """mpqc's INT4 Triton kernels vs cuBLAS/cuDNN FP16 and INT8, at EfficientNet-Lite0 conv shapes and
 MiniLM linear shapes, batch 1 and 64, on the CUDA GPU of this machine.
 
-    python benchmarks/kernels.py [--batches 1 64] [--models minilm efficientnet-lite0] [--rep-ms 100] [--out FILE]
+    python benchmarks/kernels.py [--batches 1 64] [--models minilm minilm-token efficientnet-lite0]
+                                 [--kinds linear conv] [--rep-ms 100] [--split-k-sweep-batches 1] [--out FILE]
+
+MiniLM's linears run on its 128 tokens per sample; "minilm-token" runs them on one token per
+sample, a GEMV at batch 1. INT4 linears use int4_gemm's automatic SPLIT_K, recorded per result;
+at the sweep's batches, linears small enough to split are also timed at other SPLIT_K values.
 
 Writes benchmarks/results/kernels_<device>.json. Every number is measured by this run: the device's
 achievable peaks (a large device-to-device copy for bandwidth, large FP16 and INT8 matmuls for
@@ -75,15 +80,22 @@ LITE0_CONVS = [
 # Linear layers (K, N, count, rows per sample): MiniLM's per token, EfficientNet-Lite0's classifier per image.
 LINEARS = {
     "minilm": [(384, 384, 24, SEQUENCE), (384, 1536, 6, SEQUENCE), (1536, 384, 6, SEQUENCE)],
+    "minilm-token": [(384, 384, 24, 1), (384, 1536, 6, 1), (1536, 384, 6, 1)],
     "efficientnet-lite0": [(1280, 1000, 1, 1)],
 }
+MODELS = list(LINEARS)
+SWEEP_METHOD = "int4_w4a16_channel"  # the split-K sweep's kernel: per-channel scales, fp16 activations
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--models", nargs="+", default=["minilm", "efficientnet-lite0"], choices=["minilm", "efficientnet-lite0"])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--kinds", nargs="+", default=["linear", "conv"], choices=["linear", "conv"],
+                        help="layer kinds to time: conv takes most of the run (EfficientNet-Lite0's 32 convs per batch)")
     parser.add_argument("--rep-ms", type=int, default=100, help="time spent timing each kernel (triton.testing.do_bench)")
+    parser.add_argument("--split-k-sweep-batches", type=int, nargs="*", default=[1],
+                        help=f"batches at which {SWEEP_METHOD} is also timed at other SPLIT_K values (none: no sweep)")
     parser.add_argument("--out", help="output file (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -93,27 +105,32 @@ def main() -> int:
         print("benchmarks/kernels.py: TRITON_INTERPRET is set: the interpreter's timings are not GPU numbers; unset it")
         return 1
     # Triton and the kernels are imported only once a GPU is known to be there.
-    bench = Bench(args.rep_ms)
+    bench = Bench(args.rep_ms, args.split_k_sweep_batches)
     peaks = bench.peaks()
     print(f"{bench.device_name}: copy {peaks['copy_gb_per_s']:.0f} GB/s, fp16 matmul {peaks['fp16_matmul_tflop_per_s']:.1f} "
           f"TFLOP/s, int8 matmul {peaks['int8_matmul_top_per_s']:.1f} TOP/s", flush=True)
     cases, failures = [], []
     for batch in args.batches:
         for model in args.models:
-            for k, n, count, rows in LINEARS[model]:
+            for k, n, count, rows in LINEARS[model] if "linear" in args.kinds else []:
                 cases.append(bench.linear_case(model, batch * rows, k, n, count, batch))
-            if model == "efficientnet-lite0":
+            if model == "efficientnet-lite0" and "conv" in args.kinds:
                 cases += [bench.conv_case(batch, *conv) for conv in LITE0_CONVS]
     for case in cases:
         for method, result in case["results"].items():
             if result.get("max_rel_error", 0.0) > TOLERANCE:
                 failures.append(f"{case['name']} batch {case['batch']} {method}: relative error {result['max_rel_error']:.3g}")
+        for split, row in case.get("split_k_sweep", {}).get("runs", {}).items():
+            if row["max_rel_error"] > TOLERANCE:
+                failures.append(f"{case['name']} batch {case['batch']} {SWEEP_METHOD} SPLIT_K={split}: relative error {row['max_rel_error']:.3g}")
     if failures:
         print("INT4 kernels disagree with their references; nothing written:\n  " + "\n  ".join(failures))
         return 1
     out = pathlib.Path(args.out) if args.out else RESULTS / f"kernels_{slug(bench.device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(bench.record(peaks, cases), indent=2) + "\n")
+    record = bench.record(peaks, cases)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    show_summary(record["summary"])
     print(f"wrote {out}")
     return 0
 
@@ -123,7 +140,7 @@ def slug(name: str) -> str:
 
 
 class Bench:
-    def __init__(self, rep_ms: int):
+    def __init__(self, rep_ms: int, sweep_batches: list[int]):
         import triton.testing
 
         from kernels import int4_conv, int4_gemm, pack_int4
@@ -132,6 +149,8 @@ class Bench:
         self.do_bench_graph = triton.testing.do_bench_cudagraph
         self.gemm, self.conv, self.pack = int4_gemm, int4_conv, pack_int4
         self.device_name = torch.cuda.get_device_name()
+        self.multiprocessors = int4_gemm.multiprocessors(torch.device("cuda"))
+        self.sweep_batches = set(sweep_batches)
         self.gen = torch.Generator(device="cuda").manual_seed(0)
         self.peak: dict[str, float] = {}
 
@@ -174,7 +193,7 @@ class Bench:
         except RuntimeError:  # a capture failure: report the plain timing only
             return None
 
-    def measure(self, fn, nbytes: int, ops: int, int8_math: bool, check=None) -> dict:
+    def measure(self, fn, nbytes: int, ops: int, int8_math: bool, check=None, split_k: int | None = None) -> dict:
         ms = self.time_ms(fn)
         graph_ms = self.graph_ms(fn)
         gbps, tops = nbytes / ms / 1e6, ops / ms / 1e9
@@ -193,6 +212,8 @@ class Bench:
         }
         if check is not None:
             row["max_rel_error"] = check()
+        if split_k is not None:
+            row["split_k"] = split_k  # what int4_gemm chose for this shape on this GPU
         return row
 
     def int4_weight(self, rows: int, k: int, blocks: int | None):
@@ -213,13 +234,15 @@ class Bench:
         block_args = dict(x=x16, packed_weight=packed_b, weight_scale=scale_b, block_size=BLOCK)
         channel_args = dict(x=x16, packed_weight=packed_c, weight_scale=scale_c)
         a8_args = dict(x=x8, packed_weight=packed_c, weight_scale=scale_c, x_scale=0.02, out_dtype=torch.float16)
+        split_block, split_channel = (gemm.split_k_config(m, n, k, block, self.multiprocessors) for block in (BLOCK, None))
+        channel_bytes = 2 * m * k + n * k // 2 + 4 * n + out16
         results = {
             "int4_w4a16_block64": self.measure(lambda: gemm.int4_gemm(**block_args), 2 * m * k + n * k // 2 + 4 * scale_b.numel() + out16, ops, False,
-                                               lambda: self.error(gemm.int4_gemm(**block_args), gemm.reference_int4_gemm(**block_args))),
-            "int4_w4a16_channel": self.measure(lambda: gemm.int4_gemm(**channel_args), 2 * m * k + n * k // 2 + 4 * n + out16, ops, False,
-                                               lambda: self.error(gemm.int4_gemm(**channel_args), gemm.reference_int4_gemm(**channel_args))),
+                                               lambda: self.error(gemm.int4_gemm(**block_args), gemm.reference_int4_gemm(**block_args)), split_block),
+            "int4_w4a16_channel": self.measure(lambda: gemm.int4_gemm(**channel_args), channel_bytes, ops, False,
+                                               lambda: self.error(gemm.int4_gemm(**channel_args), gemm.reference_int4_gemm(**channel_args)), split_channel),
             "int4_w4a8_channel": self.measure(lambda: gemm.int4_gemm(**a8_args), m * k + n * k // 2 + 4 * n + out16, ops, True,
-                                              lambda: self.error(gemm.int4_gemm(**a8_args), gemm.reference_int4_gemm(**a8_args))),
+                                              lambda: self.error(gemm.int4_gemm(**a8_args), gemm.reference_int4_gemm(**a8_args)), split_channel),
             "cublas_fp16": self.measure(lambda: torch.nn.functional.linear(x16, w16), 2 * m * k + 2 * n * k + out16, ops, False),
         }
         if m > 16 and k % 8 == 0 and n % 8 == 0:
@@ -227,8 +250,32 @@ class Bench:
         else:
             results["cublas_int8_int_mm"] = {"skipped": f"torch._int_mm needs M > 16 and K, N multiples of 8 (M={m}, K={k}, N={n})"}
         self.show(f"{model} linear {k}->{n}", batch, results)
-        return {"kind": "linear", "model": model, "name": f"linear {k}->{n}", "batch": batch, "M": m, "K": k, "N": n,
+        case = {"kind": "linear", "model": model, "name": f"linear {k}->{n}", "batch": batch, "M": m, "K": k, "N": n,
                 "count_in_model": count, "results": results}
+        if batch in self.sweep_batches:
+            sweep = self.split_k_sweep(channel_args, m, n, k, channel_bytes)
+            if sweep:
+                case["split_k_sweep"] = sweep
+        return case
+
+    def split_k_sweep(self, args: dict, m: int, n: int, k: int, nbytes: int) -> dict | None:
+        """SPLIT_K from 1 to one K tile per slice, CUDA-graph timed: the data to tune split_k_config by.
+        None for shapes whose output tiles already fill the GPU (split_k_config never splits those)."""
+        gemm = self.gemm
+        block_m, block_n, block_k, _ = gemm.gemm_config(m, n, None)
+        if -(-m // block_m) * -(-n // block_n) >= self.multiprocessors:
+            return None
+        k_tiles = -(-k // block_k)
+        splits = sorted({gemm.k_slices(k, block_k, s)[0] for s in (1, 2, 4, 8, 16, 32, k_tiles)})
+        reference = gemm.reference_int4_gemm(**args)
+        runs = {}
+        for split in splits:
+            ms = self.graph_ms(lambda: gemm.int4_gemm(**args, split_k=split))
+            runs[str(split)] = {"graph_median_ms": ms, "graph_bandwidth_fraction": None if ms is None else nbytes / ms / 1e6 / self.peak["copy_gb_per_s"],
+                                "max_rel_error": self.error(gemm.int4_gemm(**args, split_k=split), reference)}
+        cells = " ".join(f"{s}:{r['graph_median_ms'] * 1e3:.1f}" for s, r in runs.items() if r["graph_median_ms"])
+        print(f"     split-K sweep {SWEEP_METHOD} graph us: {cells} (auto {gemm.split_k_config(m, n, k, None, self.multiprocessors)})", flush=True)
+        return {"method": SWEEP_METHOD, "auto": gemm.split_k_config(m, n, k, None, self.multiprocessors), "runs": runs}
 
     def conv_case(self, batch, cin, size, cout, kernel, stride, pads, groups, count) -> dict:
         conv = self.conv
@@ -282,7 +329,7 @@ class Bench:
 
     @staticmethod
     def show(name: str, batch: int, results: dict) -> None:
-        cells = [f"{method} {r['median_ms']:.4f}/{r['graph_median_ms'] or float('nan'):.4f} ms "
+        cells = [f"{method}{'' if r.get('split_k', 1) == 1 else ' sk' + str(r['split_k'])} {r['median_ms']:.4f}/{r['graph_median_ms'] or float('nan'):.4f} ms "
                  f"({r['bandwidth_fraction']:.0%}/{r['graph_bandwidth_fraction'] or float('nan'):.0%} bw)"
                  for method, r in results.items() if "median_ms" in r]
         print(f"b{batch:<3} {name:<48} " + " | ".join(cells), flush=True)
@@ -302,7 +349,9 @@ class Bench:
             "date": time.strftime("%Y-%m-%d"),
             "method": ("triton.testing.do_bench median, L2 flushed before each run, warmup 25 ms, "
                        f"{self.rep_ms} ms of runs; fractions are of the peaks measured in this run; "
-                       "bytes count each input, weight, scale and output once; INT4 outputs are fp16"),
+                       "bytes count each input, weight, scale and output once; INT4 outputs are fp16; "
+                       "INT4 linears use int4_gemm's automatic SPLIT_K (split_k in each result), "
+                       "split_k_sweep times other values in CUDA graphs"),
             "int4_block_size": BLOCK,
             "peak_measured": peaks,
             "summary": summarize(cases),
@@ -311,6 +360,15 @@ class Bench:
 
 
 INT4_METHODS = ("int4_w4a16_block64", "int4_w4a16_channel", "int4_w4a8_channel")
+
+
+def show_summary(rows: list[dict]) -> None:
+    print("summary: fastest INT4 kernel vs FP16 per case (plain do_bench | CUDA graph): faster/cases, geomean speedup, median bw of fastest")
+    for row in rows:
+        cells = [f"{sum_['int4_faster_than_fp16']}/{row['cases']} {sum_['geomean_speedup_vs_fp16']:.2f}x "
+                 f"{sum_['median_bandwidth_fraction_of_fastest_int4']:.1%}"
+                 for sum_ in (row.get("median_ms"), row.get("graph_median_ms")) if sum_]
+        print(f"  {row['model']:<20} b{row['batch']:<3} " + " | ".join(cells), flush=True)
 
 
 def summarize(cases: list[dict]) -> list[dict]:

@@ -15,9 +15,18 @@ Two activation modes:
 - W4A8: X is int8 with one per-tensor scale (symmetric, zero point 0). Tiles are int8 x int8 dots
   accumulated in int32, exact; the float scales are applied once at the end (per channel) or once
   per block.
+
+Split-K: when M and N give too few output tiles to fill the GPU (batch-1 GEMV, MiniLM's 128-token
+linears), K is cut into SPLIT_K slices of whole BLOCK_K tiles, one program per (tile, slice), and
+the slices' partial sums are added with atomics into a zeroed buffer (split_k_config chooses).
+Float partial sums then add in whatever order the slices finish, so split float results may differ
+from run to run in the last bits; per-channel W4A8 adds int32 sums and stays exact. `split_k=1`
+gives run-to-run identical float results where that matters more than speed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -27,6 +36,17 @@ from kernels.int4_layout import packed_length, unpack_int4
 
 BLOCK_SIZES = (32, 64, 128)
 FLOAT_INPUTS = (torch.float16, torch.float32)
+# Split-K (split_k_config): programs per SM worth launching, and how many times the bytes it must
+# read the kernel may move again as atomically added partial sums. Those land in L2 (the buffer is
+# small), far cheaper than DRAM reads, so 16 still lets MiniLM's 128-row linears split K finely.
+PROGRAMS_PER_SM = 8
+ATOMIC_TRAFFIC = 16
+# Splitting adds two launches (zeroing the buffer, finishing it): on an H200 a 16 x 16 tile over
+# K = 384 ran 4.0 us whole and 4.4-5.0 us split, over K = 1280 9.8 us whole and 5.9 us split. So
+# split only programs whose K loop has at least this many multiply-adds (16 x 16 outputs, K = 512).
+MIN_SPLIT_MACS = 16 * 16 * 512
+INTERPRETER_MULTIPROCESSORS = 132  # an H100's or H200's
+FINISH_BLOCK_M, FINISH_BLOCK_N = 16, 128
 
 
 @triton.jit
@@ -76,14 +96,20 @@ def epilogue(acc, scale_ptr, stride_s, bias_ptr, channels, channel_mask, x_scale
 @triton.jit
 def _int4_gemm_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
-    M, N, K,
+    M, N, K, k_per_split,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_sb, stride_ym, stride_yn,
     x_scale,
     INT8_X: tl.constexpr, BLOCKWISE: tl.constexpr, SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """Program (pid_m, pid_n, pid_k): one output tile, summed over K slice pid_k.
+
+    SPLIT_K == 1: one slice, y gets the finished tile. SPLIT_K > 1: y is a zeroed float32 buffer
+    (int32 for per-channel W4A8) that every slice adds its partial sum into; see store_split.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -94,7 +120,9 @@ def _int4_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # k_per_split is a multiple of BLOCK_K: slices start on a tile, so on a byte and in one scale block.
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask, other=0)
@@ -106,9 +134,48 @@ def _int4_gemm_kernel(
             acc += part.to(tl.float32) * scale[None, :]
         else:
             acc += part
-    y = epilogue(acc, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale, not BLOCKWISE, INT8_X, HAS_BIAS)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     y_mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if SPLIT_K == 1:
+        y = epilogue(acc, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale, not BLOCKWISE, INT8_X, HAS_BIAS)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        store_split(acc, y_ptrs, y_mask, pid_k, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale,
+                    INT8_X and not BLOCKWISE, not BLOCKWISE, INT8_X, HAS_BIAS)
+
+
+@triton.jit
+def store_split(acc, y_ptrs, y_mask, pid_k, scale_ptr, stride_s, bias_ptr, channels, channel_mask, x_scale,
+                INT_ACC: tl.constexpr, PER_CHANNEL: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Add one K slice's partial sum into the zeroed buffer at y_ptrs (relaxed: only the sum matters)."""
+    if INT_ACC:
+        # Per-channel W4A8: int32 partial sums add exactly, in any order; the scales and the bias
+        # are applied once, to the total, by _split_k_finish_kernel.
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+    else:
+        # The scales are linear, so each slice applies its own; the bias is added once, by slice 0.
+        y = epilogue(acc, scale_ptr, stride_s, bias_ptr, channels, channel_mask, x_scale, PER_CHANNEL, INT8_X, False)
+        if HAS_BIAS:
+            if pid_k == 0:
+                y = y + tl.load(bias_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        tl.atomic_add(y_ptrs, y, mask=y_mask, sem="relaxed")
+
+
+@triton.jit
+def _split_k_finish_kernel(
+    acc_ptr, scale_ptr, bias_ptr, y_ptr, M, N, stride_sn, x_scale,
+    PER_CHANNEL: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = the summed split-K buffer (contiguous (M, N)) with whatever epilogue is left, cast to y's type."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    offsets = offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.load(acc_ptr + offsets, mask=mask, other=0)
+    y = epilogue(acc, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale, PER_CHANNEL, INT8_X, HAS_BIAS)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def int4_gemm(
@@ -120,35 +187,64 @@ def int4_gemm(
     x_scale: float | None = None,
     block_size: int | None = None,
     out_dtype: torch.dtype | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """X (..., K) @ dequant(W)^T (+ bias) -> (..., N).
 
     x: float16/float32 (W4A16) or int8 with `x_scale` (W4A8). packed_weight: (N, ceil(K / 2)) uint8.
     weight_scale: (N,) per channel, or (N, ceil(K / block_size)) with `block_size`.
     out_dtype: defaults to x's dtype for float inputs and float32 for int8 inputs.
+    split_k: K slices summed with atomics; None lets split_k_config choose (tests force it).
     """
     n, k = _check_gemm_args(x, packed_weight, weight_scale, bias, x_scale, block_size)
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
-        return y.reshape(*lead, n)
+        return torch.empty((*lead, n), dtype=out_dtype, device=x.device)
     weight = packed_weight.view(torch.int8)  # int8 so that >> sign-extends in the kernel
     scale = weight_scale.to(torch.float32).reshape(n, -1)
     bias_arg = bias.to(torch.float32).contiguous() if bias is not None else scale
     block_m, block_n, block_k, warps = gemm_config(m, n, block_size)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    if split_k is None:
+        split_k = split_k_config(m, n, k, block_size, multiprocessors(x.device))
+    split_k, k_per_split = k_slices(k, block_k, split_k)
+    int8_x, blockwise = x.dtype == torch.int8, block_size is not None
+    int_acc = int8_x and not blockwise
+    if split_k == 1:
+        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    elif out_dtype == torch.float32 and not int_acc:
+        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)  # the slices add straight into it
+    else:
+        y = torch.zeros((m, n), dtype=torch.int32 if int_acc else torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _int4_gemm_kernel[grid](
         x2, weight, scale, bias_arg, y,
-        m, n, k,
+        m, n, k, k_per_split,
         x2.stride(0), x2.stride(1), weight.stride(0), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
         float(x_scale) if x_scale is not None else 1.0,
-        INT8_X=x.dtype == torch.int8, BLOCKWISE=block_size is not None, SCALE_BLOCK=block_size or 1,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        INT8_X=int8_x, BLOCKWISE=blockwise, SCALE_BLOCK=block_size or 1,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
     )
+    if y.dtype != out_dtype:
+        y = _finish_split_k(y, out_dtype, scale, bias_arg, bias is not None, x_scale, int_acc)
     return y.reshape(*lead, n)
+
+
+def _finish_split_k(acc, out_dtype, scale, bias_arg, has_bias, x_scale, int_acc) -> torch.Tensor:
+    """The split-K buffer's total as out_dtype: for int32 sums, after the scales and bias they still lack."""
+    m, n = acc.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
+    grid = (triton.cdiv(m, FINISH_BLOCK_M), triton.cdiv(n, FINISH_BLOCK_N))
+    _split_k_finish_kernel[grid](
+        acc, scale, bias_arg, y, m, n, scale.stride(0), float(x_scale) if x_scale is not None else 1.0,
+        PER_CHANNEL=int_acc, INT8_X=int_acc, HAS_BIAS=int_acc and has_bias,
+        BLOCK_M=FINISH_BLOCK_M, BLOCK_N=FINISH_BLOCK_N,
+    )
+    return y
 
 
 def gemm_config(m: int, n: int, block_size: int | None) -> tuple[int, int, int, int]:
@@ -167,6 +263,44 @@ def gemm_config(m: int, n: int, block_size: int | None) -> tuple[int, int, int, 
         block_m, block_n, warps = 128, 128 if n >= 128 else 64, 8
     block_k = min(64, block_size or 64)
     return block_m, block_n, block_k, warps
+
+
+def split_k_config(m: int, n: int, k: int, block_size: int | None, multiprocessors: int) -> int:
+    """SPLIT_K for int4_gemm: 1 unless the output tiles alone leave SMs idle.
+
+    A program's K loop waits on a DRAM load per tile, so with few tiles (small M and N) the GPU
+    sits mostly idle: splitting K puts more loads in flight at once. Capped at PROGRAMS_PER_SM
+    programs per SM (more only queue), and so that the partial sums added with atomics (4 bytes
+    per output per slice) stay within ATOMIC_TRAFFIC times the bytes the kernel must read anyway.
+    Short K loops (under MIN_SPLIT_MACS per program) stay whole: the extra launches cost more.
+    """
+    block_m, block_n, block_k, _ = gemm_config(m, n, block_size)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if tiles >= multiprocessors or k * block_m * block_n < MIN_SPLIT_MACS:
+        return 1
+    reads = m * k + n * k // 2  # activation (at least a byte each) and packed weight bytes
+    split = min(triton.cdiv(k, block_k), triton.cdiv(PROGRAMS_PER_SM * multiprocessors, tiles),
+                max(1, ATOMIC_TRAFFIC * reads // (4 * m * n)))
+    return k_slices(k, block_k, split)[0]
+
+
+def k_slices(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(slices, k_per_split): split_k slices of whole BLOCK_K tiles, fewer where some would be empty."""
+    tiles = triton.cdiv(k, block_k)
+    per_split = triton.cdiv(tiles, min(split_k, tiles))
+    return triton.cdiv(tiles, per_split), per_split * block_k
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of x's GPU; CPU tensors (Triton's interpreter) plan as for an H100, so tests see the GPU's choices."""
+    if device.type != "cuda":
+        return INTERPRETER_MULTIPROCESSORS
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_gemm_args(x, packed_weight, weight_scale, bias, x_scale, block_size) -> tuple[int, int]:

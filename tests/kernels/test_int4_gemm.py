@@ -1,4 +1,5 @@
-"""The Triton INT4 GEMM against its torch reference: W4A16 (fp32, fp16) and W4A8, per-channel and block-wise."""
+"""The Triton INT4 GEMM against its torch reference: W4A16 (fp32, fp16) and W4A8, per-channel and block-wise,
+with K in one piece and split into slices summed with atomics (split-K)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'): no INT4 kernels to test")
 
-from kernels.int4_gemm import gemm_config, int4_gemm, reference_int4_gemm  # noqa: E402
+from kernels.int4_gemm import gemm_config, int4_gemm, k_slices, reference_int4_gemm, split_k_config  # noqa: E402
 from kernels.int4_layout import pack_int4  # noqa: E402
 
 # Normwise relative error allowed per activation mode. fp32 and int8 inputs accumulate exactly
@@ -33,8 +34,8 @@ def make_case(m, n, k, mode, block, with_bias, seed, device):
     return dict(x=to(x), packed_weight=to(pack_int4(q)), weight_scale=to(scale), bias=to(bias), x_scale=x_scale, block_size=block)
 
 
-def label(mode, block, device):
-    return f"gemm {mode} {'per-channel' if block is None else f'block {block}'} [{device}]"
+def label(mode, block, device, split=False):
+    return f"gemm {'split-K ' if split else ''}{mode} {'per-channel' if block is None else f'block {block}'} [{device}]"
 
 
 @settings(max_examples=80, deadline=None)
@@ -117,18 +118,110 @@ def test_compiles_for_gpus_without_one(compile_for_gpu):
 
     The interpreter checks numerics, not GPU constraints such as tl.dot's minimum tile sizes: this
     does, without a GPU. Per activation type: the smallest tiles (batch-1 decode, per channel) and
-    the largest (MiniLM at batch 64, blocks of 32, the smallest K tile).
+    the largest (MiniLM at batch 64, blocks of 32, the smallest K tile); then the split-K path
+    (float and int32 atomics) and its finishing kernel for sm_90, where it is meant to run.
     """
-    names = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
-             "stride_sn", "stride_sb", "stride_ym", "stride_yn", "x_scale"]
+    names = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "K", "k_per_split", "stride_xm", "stride_xk",
+             "stride_wn", "stride_sn", "stride_sb", "stride_ym", "stride_yn", "x_scale"]
     jobs = []
+
+    def gemm_job(x_type, y_type, m, n, block, arch, split_k):
+        block_m, block_n, block_k, warps = gemm_config(m, n, block)
+        types = [x_type, "*i8", "*fp32", "*fp32", y_type] + ["i32"] * 11 + ["fp32"]
+        constexprs = dict(INT8_X=x_type == "*i8", BLOCKWISE=block is not None, SCALE_BLOCK=block or 1, HAS_BIAS=True,
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+        return {"kernel": "kernels.int4_gemm:_int4_gemm_kernel", "signature": dict(zip(names, types)),
+                "constexprs": constexprs, "arch": arch, "num_warps": warps}
+
     for x_type, y_type in (("*fp16", "*fp16"), ("*fp32", "*fp32"), ("*i8", "*fp16")):
-        types = [x_type, "*i8", "*fp32", "*fp32", y_type] + ["i32"] * 10 + ["fp32"]
         for m, n, block, archs in ((1, 1000, None, (80,)), (8192, 1536, 32, (80, 90) if x_type == "*fp16" else (80,))):
-            block_m, block_n, block_k, warps = gemm_config(m, n, block)
-            constexprs = dict(INT8_X=x_type == "*i8", BLOCKWISE=block is not None, SCALE_BLOCK=block or 1, HAS_BIAS=True,
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-            jobs += [{"kernel": "kernels.int4_gemm:_int4_gemm_kernel", "signature": dict(zip(names, types)),
-                      "constexprs": constexprs, "arch": arch, "num_warps": warps} for arch in archs]
+            jobs += [gemm_job(x_type, y_type, m, n, block, arch, 1) for arch in archs]
+    # Split-K: float atomics with the slice-0 bias (fp16 x, per channel; int8 x, block-wise) and int32 atomics.
+    jobs += [gemm_job("*fp16", "*fp32", 1, 384, None, 90, 8), gemm_job("*i8", "*fp32", 1, 384, 64, 90, 8),
+             gemm_job("*i8", "*i32", 128, 384, None, 90, 8)]
+    finish_names = ["acc_ptr", "scale_ptr", "bias_ptr", "y_ptr", "M", "N", "stride_sn", "x_scale"]
+    for acc_type, int_acc in (("*fp32", False), ("*i32", True)):
+        jobs.append({"kernel": "kernels.int4_gemm:_split_k_finish_kernel", "arch": 90, "num_warps": 4,
+                     "signature": dict(zip(finish_names, [acc_type, "*fp32", "*fp32", "*fp16", "i32", "i32", "i32", "fp32"])),
+                     "constexprs": dict(PER_CHANNEL=int_acc, INT8_X=int_acc, HAS_BIAS=int_acc, BLOCK_M=16, BLOCK_N=128)})
     compiled = compile_for_gpu(jobs)  # asserts each cubin exists and fits the GPU's shared memory
     assert len(compiled) == len(jobs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 40),
+    k=st.integers(1, 600),
+    mode=st.sampled_from(sorted(MODES)),
+    block=st.sampled_from([None, 32, 64, 128]),
+    with_bias=st.booleans(),
+    split_k=st.sampled_from([1, 2, 3, 5, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_split_k_matches_reference(device, check_close, m, n, k, mode, block, with_bias, split_k, seed):
+    """K cut into forced slice counts (more than K has tiles, too), on the small M the split is for."""
+    args = make_case(m, n, k, mode, block, with_bias, seed, device)
+    check_close(label(mode, block, device, split=True), int4_gemm(**args, split_k=split_k), reference_int4_gemm(**args), MODES[mode])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("block", [None, 32, 64, 128])
+def test_split_k_every_mode_and_granularity(device, check_close, mode, block):
+    """Batch-1 GEMV with K over several scale blocks and an odd tail, split in 3, and fp16 output from fp32 sums."""
+    args = make_case(1, 40, 4 * 128 + 37, mode, block, True, 11, device)
+    expected = reference_int4_gemm(**args)
+    check_close(label(mode, block, device, split=True), int4_gemm(**args, split_k=3), expected, MODES[mode])
+    y16 = int4_gemm(**args, split_k=3, out_dtype=torch.float16)
+    check_close(label(f"{mode}>fp16", block, device, split=True), y16, reference_int4_gemm(**args, out_dtype=torch.float16), MODES["w4a16-fp16"])
+
+
+def test_split_k_adds_the_bias_once(device):
+    """Zero weights: every slice's partial sum is 0, so the output is the bias itself, not split_k times it."""
+    k, n = 256, 24
+    packed = torch.zeros(n, k // 2, dtype=torch.uint8, device=device)
+    bias = torch.linspace(-3.0, 3.0, n, device=device)
+    x = torch.randn(2, k, device=device)
+    y = int4_gemm(x, packed, torch.ones(n, device=device), bias=bias, split_k=4)
+    assert torch.equal(y, bias.expand(2, n))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_split_k_w4a8_per_channel_is_exact(device, out_dtype):
+    """Per-channel W4A8 sums int32 slices exactly and scales the total once: bit for bit the unsplit result."""
+    args = make_case(3, 40, 1000, "w4a8", None, True, 5, device)
+    whole = int4_gemm(**args, out_dtype=out_dtype, split_k=1)
+    for split_k in (2, 5, 16):
+        assert torch.equal(int4_gemm(**args, out_dtype=out_dtype, split_k=split_k), whole)
+
+
+def test_split_k_config():
+    """Split only where the output tiles leave an H100's or H200's 132 SMs idle, in whole K tiles."""
+    for block in (None, 32, 64, 128):
+        # MiniLM at batch 64 (8192 rows) already has enough tiles.
+        assert split_k_config(8192, 384, 1536, block, 132) == 1
+        assert split_k_config(8192, 1536, 384, block, 132) == 1
+        # GEMV with a long K loop: MiniLM's FFN output linear and EfficientNet-Lite0's classifier at batch 1.
+        for n, k in ((384, 1536), (1000, 1280)):
+            split = split_k_config(1, n, k, block, 132)
+            assert 1 < split <= -(-k // gemm_config(1, n, block)[2])
+        # GEMV with K = 384: 6 K tiles of 16 x 16 outputs ran faster whole than split on an H200.
+        assert split_k_config(1, 1536, 384, block, 132) == 1
+        # 128 rows, batch 1 of MiniLM's 128 tokens: 3 or 12 tiles of 128 x 128, each step a large one.
+        assert split_k_config(128, 384, 1536, block, 132) > 1
+        assert split_k_config(128, 1536, 384, block, 132) > 1
+    assert split_k_config(1, 384, 64, None, 132) == 1  # one K tile: nothing to split
+
+
+@given(k=st.integers(1, 5000), block_k=st.sampled_from([32, 64]), split=st.integers(1, 64))
+def test_k_slices_cover_k_in_whole_tiles(k, block_k, split):
+    slices, per_split = k_slices(k, block_k, split)
+    assert per_split % block_k == 0 and 1 <= slices <= split
+    assert (slices - 1) * per_split < k <= slices * per_split  # no empty slice, none missing
+
+
+@pytest.mark.parametrize("split_k", [0, -2, 2.0])
+def test_rejects_bad_split_k(split_k):
+    args = make_case(1, 8, 64, "w4a16-fp32", None, False, 1, "cpu")
+    with pytest.raises(ValueError, match="split_k must be"):
+        int4_gemm(**args, split_k=split_k)
