@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from mpqc.backends.ort_runner import OrtRunner
+from mpqc.backends.ort_runner import OrtRunner, int8_saturation_note
 from mpqc.bench.fidelity import output_agreement
 from mpqc.bench.latency import first_batch, measure_latency
 from mpqc.calibrate.ranges import calibrate, channel_means
@@ -52,7 +52,7 @@ class BuildOptions:
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
     bias_correction: bool = True
     # --policy search: the ILP chooses per layer under these budgets (any combination).
-    method: str | None = None  # sensitivity method; None: hawq for torch classifiers, else qerror
+    method: str | None = None  # sensitivity method; None: seam for torch classifiers, else qerror
     epochs: int = 3  # indicator training passes over the proxy data (limpq, seam)
     gmpq: bool = False  # add the attribution-imitation term to indicator training
     budget_ms: float | None = None
@@ -250,6 +250,9 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         record["not_measured"] = f"target '{target.name}' runs on {target.backend}; mpqc measures ONNX Runtime targets only"
     elif options.measure:
         record["measured"] = _measure(options, analysis.loaded, target, float_model, model_bytes, feeds, timings)
+        note = int8_saturation_note(target) if any(policy.precision_of(name).weight_bits == 8 for name, _ in policy.assignments) else None
+        if note is not None:
+            record["measured"]["int8_note"] = note
         if options.budget_ms is not None:
             record["search"]["measured_ms"] = record["measured"]["latency_built"]["median_ms"]
             record["search"]["budget_met"] = record["search"]["measured_ms"] <= options.budget_ms

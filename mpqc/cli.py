@@ -59,6 +59,8 @@ def _summary(record: dict, out: pathlib.Path) -> str:
         )
         shown = {k: v for k, v in measured["fidelity"].items() if isinstance(v, float)}
         lines.append("  fidelity vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        if "int8_note" in measured:
+            lines.append(f"  note: {measured['int8_note']}")
     lines.append(f"  artifacts: {out / 'model.qdq.onnx'}, {out / 'policy.json'}, {out / 'build.json'}, {out / 'report.md'}")
     engine = record.get("tensorrt_engine")
     if engine is not None:
@@ -226,7 +228,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     from mpqc.sensitivity.methods import METHODS
 
     parser.add_argument("--method", choices=list(METHODS),
-                        help="sensitivity for --policy search (default: hawq for torch classifiers, else qerror)")
+                        help="sensitivity for --policy search (default: seam for torch classifiers, else qerror)")
     parser.add_argument("--epochs", type=int, default=3, help="indicator training passes over the proxy data (seam, limpq)")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     parser.add_argument("--budget-ms", type=float, help="latency budget on the target, from its measured table")

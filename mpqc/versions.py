@@ -16,13 +16,24 @@ def versions() -> dict[str, str]:
     return found
 
 
+# CPU features that pick ONNX Runtime's INT8 kernels. Two CPUs of one model name can differ here
+# (virtual machines hide features): without VNNI, u8s8 kernels run on AVX2's 16-bit saturating
+# multiply-adds, which is slower and, for weights near +-127, inexact.
+INT8_FEATURES = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
 def machine() -> dict[str, object]:
     import os
 
-    cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}  # the first processor's /proc/cpuinfo entries
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+            for line in handle:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "arch": platform.machine()}
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "arch": platform.machine(),
+            "int8_features": [feature for feature in INT8_FEATURES if feature in flags]}

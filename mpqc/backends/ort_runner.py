@@ -7,6 +7,10 @@ import onnxruntime as ort
 
 from mpqc.errors import MpqcError
 from mpqc.targets import Target
+from mpqc.versions import machine
+
+EXACT_INT8 = "session.x64quantprecision"
+INT8_DOT_PRODUCT = {"avx512_vnni", "avx_vnni", "amx_int8"}  # x86 features whose u8s8 kernels are exact
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -26,6 +30,22 @@ def session_options(target: Target) -> ort.SessionOptions:
     for key, value in runtime.get("session_config", {}).items():
         options.add_session_config_entry(key, str(value))
     return options
+
+
+def int8_saturation_note(target: Target) -> str | None:
+    """Why INT8 results measured on this CPU understate other CPUs', or None.
+
+    Without VNNI, ONNX Runtime's x86 u8s8 kernels sum pairs of products in saturating 16-bit lanes;
+    benchmarks/int8_precision.py measures what that costs and what the exact kernels cost.
+    """
+    info = machine()
+    if info["arch"] not in ("x86_64", "AMD64") or INT8_DOT_PRODUCT & set(info["int8_features"]):
+        return None
+    if str(target.runtime.get("session_config", {}).get(EXACT_INT8, "0")) == "1":
+        return None
+    return (f"this CPU has no VNNI ({', '.join(info['int8_features']) or 'no AVX2'}): ONNX Runtime's INT8 kernels "
+            "saturate here, so INT8 layers lose more fidelity than on VNNI CPUs; deploy on a VNNI CPU, or set "
+            f"session_config \"{EXACT_INT8}\" = \"1\" in the target (and in your own sessions) for exact, slower kernels")
 
 
 class OrtRunner:

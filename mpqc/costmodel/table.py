@@ -21,8 +21,9 @@ from mpqc.versions import machine, versions
 
 
 def fingerprint(target: Target) -> dict:
-    """What a measurement depends on besides the layer: CPU, cores, threads, runtime version; for
-    TensorRT targets the GPU, its compute capability, the TensorRT version and the builder level."""
+    """What a measurement depends on besides the layer: CPU and its INT8 features, cores, threads,
+    runtime version; for TensorRT targets the GPU, its compute capability, the TensorRT version and
+    the builder optimization level."""
     if target.backend == "tensorrt":
         # Imported here: only TensorRT targets need TensorRT and a GPU to say where they run.
         from mpqc.backends.tensorrt import device_fingerprint
@@ -35,6 +36,7 @@ def fingerprint(target: Target) -> dict:
         "cpu": info["cpu"],
         "cores": info["cores"],
         "arch": info["arch"],
+        "int8_features": info["int8_features"],
         "intra_op_num_threads": int(target.runtime.get("intra_op_num_threads", 0)),
         "runtime": "onnxruntime " + versions()["onnxruntime"],
     }

@@ -38,14 +38,17 @@ def test_profile_measures_once_then_reuses(tinynet, tmp_path, capsys):
     assert all(entry["median_ms"] > 0 and entry["runs"] >= 25 for entry in table["entries"].values())
 
 
-def test_a_table_from_another_machine_is_refused(tinynet, tmp_path, capsys):
+@pytest.mark.parametrize("field, other", [("cpu", "some other CPU"), ("int8_features", ["avx2", "avx512_vnni"])])
+def test_a_table_from_another_machine_is_refused(tinynet, tmp_path, capsys, field, other):
+    """Also one of the same model name whose INT8 features differ (virtual machines hide some)."""
     spec, proxy = tinynet
     _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2")
     path = next(tmp_path.glob("*.json"))
     data = json.loads(path.read_text())
-    data["fingerprint"]["cpu"] = "some other CPU"
+    assert field in data["fingerprint"]
+    data["fingerprint"][field] = other
     path.write_text(json.dumps(data))
-    with pytest.raises(MpqcError, match="another machine or runtime"):
+    with pytest.raises(MpqcError, match="another machine, GPU or runtime"):
         LatencyTable.for_target(load_target("ort-cpu"), tmp_path)
 
 
