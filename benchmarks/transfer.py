@@ -132,7 +132,7 @@ class Evaluator:
 class Sweeps:
     """The two budget sweeps over one model: BitOps over INT4/INT8, milliseconds over what ORT deploys."""
 
-    def __init__(self, analysis, target, batch: int = 1):
+    def __init__(self, analysis, target, batch: int = 1, milliseconds: bool = True):
         layers = analysis.layers
         self.names = [layer.name for layer in layers]
         self.ties = analysis.ties
@@ -141,15 +141,15 @@ class Sweeps:
         self.ms_candidates = {layer.name: [p.name for p in target.precisions_for(layer.op_type)] for layer in layers}
         self.bitops = {(layer.name, p): bitops_and_size(layer_signature(analysis.model, layer), p)[0]
                        for layer in layers for p in self.bitops_candidates[layer.name]}
-        self.latency = latency_model(analysis, target, LatencyTable.for_target(target, None), batch)
         all_int8 = sum(self.bitops[(name, "w8a8")] for name in self.names)
         least_bitops = smallest(self.names, self.bitops_candidates, "bitops", bitops=self.bitops, ties=self.ties)
-        fastest = smallest(self.names, self.ms_candidates, "latency", latency=self.latency, ties=self.ties)
-        all_fp32 = self.latency.predict({name: "fp32" for name in self.names})
-        self.budgets = {
-            "bitops": [least_bitops + f * (all_int8 - least_bitops) for f in FRACTIONS],
-            "ms": [fastest + f * (all_fp32 - fastest) for f in FRACTIONS],
-        }
+        self.budgets = {"bitops": [least_bitops + f * (all_int8 - least_bitops) for f in FRACTIONS]}
+        self.latency = None  # milliseconds=False: BitOps only, no latency table needed
+        if milliseconds:
+            self.latency = latency_model(analysis, target, LatencyTable.for_target(target, None), batch)
+            fastest = smallest(self.names, self.ms_candidates, "latency", latency=self.latency, ties=self.ties)
+            all_fp32 = self.latency.predict({name: "fp32" for name in self.names})
+            self.budgets["ms"] = [fastest + f * (all_fp32 - fastest) for f in FRACTIONS]
 
     def solve(self, resource: str, budget: float, loss: dict) -> tuple[dict[str, str], float]:
         if resource == "bitops":
@@ -161,7 +161,7 @@ class Sweeps:
     def describe(self, assignments: dict[str, str]) -> dict:
         bitops = sum(self.bitops.get((n, p), 0.0) for n, p in assignments.items()) if all(
             (n, p) in self.bitops for n, p in assignments.items()) else None
-        predicted = self.latency.predict(assignments) if all(
+        predicted = self.latency.predict(assignments) if self.latency is not None and all(
             p in self.ms_candidates[n] for n, p in assignments.items()) else None
         counts: dict[str, int] = {}
         for p in assignments.values():
