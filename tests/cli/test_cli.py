@@ -9,7 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from mpqc.backends.ort_runner import int8_saturation_note
 from mpqc.cli import main
+from mpqc.targets import load_target
 
 
 def _run_json(capsys, *argv) -> dict:
@@ -25,7 +27,10 @@ def test_build_the_mnist_example_on_ort_cpu(tmp_path, capsys):
     assert json.loads((out / "build.json").read_text()) == record
     fidelity = record["measured"]["fidelity"]
     assert fidelity["reference_accuracy"] >= 0.985
-    assert fidelity["accuracy_drop"] <= 0.5  # points
+    # Without VNNI, ONNX Runtime's INT8 kernels saturate: 0.5 points were measured there (the build says so).
+    saturating = int8_saturation_note(load_target("ort-cpu")) is not None
+    assert ("int8_note" in record["measured"]) == saturating
+    assert fidelity["accuracy_drop"] <= (1.0 if saturating else 0.5)  # points
     assert record["measured"]["latency_built"]["runs"] == 5
     assert set(record["policy"]["counts"]) == {"w8a8"}
     assert [row["torch_module"] for row in record["layers"]][:2] == ["stem.conv", "block1.conv1"]

@@ -51,7 +51,9 @@ def test_w8a8_becomes_integer_kernels_and_stays_close(tmp_path, tinynet):
     assert ops[-1] == "Gemm"
     x = np.load(proxy)["input"][:8]
     reference = _outputs(_float_model(tmp_path, spec, proxy), x)
-    built = _outputs(model, x)
+    # The exact INT8 kernels: without VNNI the default ones saturate (15.5 dB measured there), which
+    # is the CPU's doing, not the lowering's.
+    built = _outputs(model, x, {"session.x64quantprecision": "1"})
     sqnr = 10 * np.log10((reference**2).sum() / ((reference - built) ** 2).sum())
     assert sqnr > 30
     assert [o.name for o in model.graph.output] == ["output"]
