@@ -38,6 +38,7 @@ from mpqc.examples import load_example  # noqa: E402
 from mpqc.search.policy_search import sensitivity_context  # noqa: E402
 from mpqc.sensitivity.indicators import train_indicators  # noqa: E402
 from mpqc.targets import load_target  # noqa: E402
+from mpqc.versions import machine, versions  # noqa: E402
 
 
 def step_movement(initial: dict, learned: dict) -> dict:
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, nargs="+", default=[0, 3, 12], help="0: the untrained initial steps")
     parser.add_argument("--full", type=int, help="size of the full proxy (as in benchmarks/transfer.py)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="output JSON (default benchmarks/results/indicator_steps_<model>.json)")
     args = parser.parse_args()
 
     example = load_example(args.model)
@@ -93,8 +95,6 @@ def main() -> int:
             + (f", spearman vs initial {row['spearman_gap_learned_vs_initial']:.3f}" if "spearman_gap_learned_vs_initial" in row else ""),
             flush=True)
 
-    from mpqc.versions import machine, versions
-
     record = {
         "benchmark": "indicator_steps",
         "model": args.model,
@@ -108,7 +108,7 @@ def main() -> int:
         "machine": machine(),
         "results": results,
     }
-    out = RESULTS / f"indicator_steps_{args.model}.json"
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"indicator_steps_{args.model}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -14,14 +14,13 @@ Writes benchmarks/results/int8_precision_<cpu features>.json. Every number in it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import time
 
 import numpy as np
 
-from mpqc.backends.ort_runner import OrtRunner
+from mpqc.backends.ort_runner import OrtRunner, with_exact_int8
 from mpqc.bench.latency import first_batch, measure_latency
 from mpqc.build import BuildOptions, Lowering, analyze
 from mpqc.examples import load_example
@@ -58,10 +57,9 @@ def main() -> int:
         reference = OrtRunner(float_bytes, target).run_batched(feeds)
         w8a8 = lowering.lower(Policy(tuple((layer.name, "w8a8") for layer in analysis.layers), "uniform:w8a8"))
         rows = {"fp32": measure(float_bytes, target, feeds, reference, labels, args.runs)}
-        for value in ("0", "1"):
-            config = {**target.runtime.get("session_config", {}), "session.x64quantprecision": value}
-            exact = dataclasses.replace(target, runtime={**target.runtime, "session_config": config})
-            rows[f"w8a8 x64quantprecision={value}"] = measure(w8a8, exact, feeds, reference, labels, args.runs)
+        for exact in (False, True):
+            rows[f"w8a8 x64quantprecision={int(exact)}"] = measure(w8a8, with_exact_int8(target, exact), feeds, reference,
+                                                                   labels, args.runs)
         results[name] = {"eval_samples": len(reference), **rows}
         print(name, json.dumps(rows), flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 
@@ -30,6 +32,12 @@ def session_options(target: Target) -> ort.SessionOptions:
     for key, value in runtime.get("session_config", {}).items():
         options.add_session_config_entry(key, str(value))
     return options
+
+
+def with_exact_int8(target: Target, exact: bool) -> Target:
+    """The target with ONNX Runtime's exact (slower) INT8 kernels switched on or off."""
+    config = {**target.runtime.get("session_config", {}), EXACT_INT8: "1" if exact else "0"}
+    return dataclasses.replace(target, runtime={**target.runtime, "session_config": config})
 
 
 def int8_saturation_note(target: Target) -> str | None:

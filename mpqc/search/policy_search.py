@@ -127,8 +127,8 @@ class SearchProblem:
 
 
 def resolve_method(options: "BuildOptions", module, classifier: bool) -> str:
-    """The method asked for, else seam (DEFAULT_METHOD) for a torch classifier; qerror where there is no torch module
-    (an .onnx file) or the output is not class scores (an embedding model)."""
+    """The method asked for, else DEFAULT_METHOD (seam) for a torch classifier; qerror where there is
+    no torch module (an .onnx file) or the output is not class scores (an embedding model)."""
     if options.method is not None:
         check_method(options.method)
         return options.method

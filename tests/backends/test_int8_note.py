@@ -1,6 +1,5 @@
 """Builds measured on an x86 CPU without VNNI say that ONNX Runtime's INT8 kernels saturate there."""
 
-import dataclasses
 import json
 
 import pytest
@@ -29,8 +28,7 @@ def test_only_x86_cpus_without_vnni_get_the_note(monkeypatch, arch, features, no
     assert (note is not None) == noted
     if noted:
         assert note.startswith(f"this CPU has no VNNI ({', '.join(features)}): ONNX Runtime's INT8 kernels saturate here")
-        exact = dataclasses.replace(target, runtime={**target.runtime, "session_config": {ort_runner.EXACT_INT8: "1"}})
-        assert ort_runner.int8_saturation_note(exact) is None  # the exact kernels are asked for
+        assert ort_runner.int8_saturation_note(ort_runner.with_exact_int8(target, True)) is None  # the exact kernels are asked for
 
 
 def test_a_measured_int8_build_carries_the_note_and_a_float_one_does_not(monkeypatch, tmp_path, capsys):

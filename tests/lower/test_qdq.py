@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from mpqc.backends.ort_runner import EXACT_INT8
 from mpqc.build import BuildOptions, build
 from mpqc.lower import numerics
 
@@ -53,7 +54,7 @@ def test_w8a8_becomes_integer_kernels_and_stays_close(tmp_path, tinynet):
     reference = _outputs(_float_model(tmp_path, spec, proxy), x)
     # The exact INT8 kernels: without VNNI the default ones saturate (15.5 dB measured there), which
     # is the CPU's doing, not the lowering's.
-    built = _outputs(model, x, {"session.x64quantprecision": "1"})
+    built = _outputs(model, x, {EXACT_INT8: "1"})
     sqnr = 10 * np.log10((reference**2).sum() / ((reference - built) ** 2).sum())
     assert sqnr > 30
     assert [o.name for o in model.graph.output] == ["output"]
