@@ -5,8 +5,9 @@ MiniLM linear shapes, batch 1 and 64, on the CUDA GPU of this machine.
                                  [--kinds linear conv] [--rep-ms 100] [--split-k-sweep-batches 1] [--out FILE]
 
 MiniLM's linears run on its 128 tokens per sample; "minilm-token" runs them on one token per
-sample, a GEMV at batch 1. INT4 linears use int4_gemm's automatic SPLIT_K, recorded per result;
-at the sweep's batches, linears small enough to split are also timed at other SPLIT_K values.
+sample, a GEMV at batch 1. INT4 linears and convs use the kernels' automatic SPLIT_K, recorded per
+result; at the sweep's batches, shapes with too few output tiles to fill the GPU are also timed at
+other SPLIT_K values.
 
 Writes benchmarks/results/kernels_<device>.json. Every number is measured by this run: the device's
 achievable peaks (a large device-to-device copy for bandwidth, large FP16 and INT8 matmuls for
@@ -143,13 +144,13 @@ class Bench:
     def __init__(self, rep_ms: int, sweep_batches: list[int]):
         import triton.testing
 
-        from kernels import int4_conv, int4_gemm, pack_int4
+        from kernels import int4_conv, int4_gemm, pack_int4, split_k
 
         self.do_bench, self.rep_ms = triton.testing.do_bench, rep_ms
         self.do_bench_graph = triton.testing.do_bench_cudagraph
-        self.gemm, self.conv, self.pack = int4_gemm, int4_conv, pack_int4
+        self.gemm, self.conv, self.pack, self.split_k = int4_gemm, int4_conv, pack_int4, split_k
         self.device_name = torch.cuda.get_device_name()
-        self.multiprocessors = int4_gemm.multiprocessors(torch.device("cuda"))
+        self.multiprocessors = split_k.multiprocessors(torch.device("cuda"))
         self.sweep_batches = set(sweep_batches)
         self.gen = torch.Generator(device="cuda").manual_seed(0)
         self.peak: dict[str, float] = {}
@@ -213,7 +214,7 @@ class Bench:
         if check is not None:
             row["max_rel_error"] = check()
         if split_k is not None:
-            row["split_k"] = split_k  # what int4_gemm chose for this shape on this GPU
+            row["split_k"] = split_k  # what the kernel chose for this shape on this GPU
         return row
 
     def int4_weight(self, rows: int, k: int, blocks: int | None):
@@ -252,30 +253,27 @@ class Bench:
         self.show(f"{model} linear {k}->{n}", batch, results)
         case = {"kind": "linear", "model": model, "name": f"linear {k}->{n}", "batch": batch, "M": m, "K": k, "N": n,
                 "count_in_model": count, "results": results}
-        if batch in self.sweep_batches:
-            sweep = self.split_k_sweep(channel_args, m, n, k, channel_bytes)
-            if sweep:
-                case["split_k_sweep"] = sweep
+        block_m, block_n, block_k, _ = gemm.gemm_config(m, n, None)
+        tiles = -(-m // block_m) * -(-n // block_n)
+        if batch in self.sweep_batches and tiles < self.multiprocessors:
+            case["split_k_sweep"] = self.split_k_sweep(lambda split: gemm.int4_gemm(**channel_args, split_k=split),
+                                                       gemm.reference_int4_gemm(**channel_args), k, block_k, split_channel, channel_bytes)
         return case
 
-    def split_k_sweep(self, args: dict, m: int, n: int, k: int, nbytes: int) -> dict | None:
-        """SPLIT_K from 1 to one K tile per slice, CUDA-graph timed: the data to tune split_k_config by.
-        None for shapes whose output tiles already fill the GPU (split_k_config never splits those)."""
-        gemm = self.gemm
-        block_m, block_n, block_k, _ = gemm.gemm_config(m, n, None)
-        if -(-m // block_m) * -(-n // block_n) >= self.multiprocessors:
-            return None
+    def split_k_sweep(self, run, reference: torch.Tensor, k: int, block_k: int, auto: int, nbytes: int) -> dict:
+        """run(split) at SPLIT_K from 1 to one K tile per slice, CUDA-graph timed: the data to tune
+        kernels.split_k.choose_split_k by. Only for shapes whose output tiles leave SMs idle (the
+        others are never split)."""
         k_tiles = -(-k // block_k)
-        splits = sorted({gemm.k_slices(k, block_k, s)[0] for s in (1, 2, 4, 8, 16, 32, k_tiles)})
-        reference = gemm.reference_int4_gemm(**args)
+        splits = sorted({self.split_k.k_slices(k, block_k, s)[0] for s in (1, 2, 4, 8, 16, 32, k_tiles)})
         runs = {}
         for split in splits:
-            ms = self.graph_ms(lambda: gemm.int4_gemm(**args, split_k=split))
+            ms = self.graph_ms(lambda: run(split))
             runs[str(split)] = {"graph_median_ms": ms, "graph_bandwidth_fraction": None if ms is None else nbytes / ms / 1e6 / self.peak["copy_gb_per_s"],
-                                "max_rel_error": self.error(gemm.int4_gemm(**args, split_k=split), reference)}
+                                "max_rel_error": self.error(run(split), reference)}
         cells = " ".join(f"{s}:{r['graph_median_ms'] * 1e3:.1f}" for s, r in runs.items() if r["graph_median_ms"])
-        print(f"     split-K sweep {SWEEP_METHOD} graph us: {cells} (auto {gemm.split_k_config(m, n, k, None, self.multiprocessors)})", flush=True)
-        return {"method": SWEEP_METHOD, "auto": gemm.split_k_config(m, n, k, None, self.multiprocessors), "runs": runs}
+        print(f"     split-K sweep {SWEEP_METHOD} graph us: {cells} (auto {auto})", flush=True)
+        return {"method": SWEEP_METHOD, "auto": auto, "runs": runs}
 
     def conv_case(self, batch, cin, size, cout, kernel, stride, pads, groups, count) -> dict:
         conv = self.conv
@@ -291,11 +289,16 @@ class Bench:
         a8 = dict(x=x8, x_scale=0.02, out_dtype=torch.float16, **common)
         ops = 2 * batch * oh * ow * cout * cg * kernel * kernel
         out16, w4 = 2 * batch * oh * ow * cout, cout * math.ceil(cg * kernel * kernel / 2) + 4 * cout
+        pixels, kg, depthwise = batch * oh * ow, cg * kernel * kernel, groups == cin == cout
+        # What int4_conv2d chooses; depthwise convs have no K to split.
+        plan16, plan8 = (None, None) if depthwise else (conv.implicit_gemm_plan(x, pixels, cout, groups, kg) for x in (x16, x8))
         results = {
             "int4_w4a16_channel": self.measure(lambda: conv.int4_conv2d(**a16), 2 * x16.numel() + w4 + out16, ops, False,
-                                               lambda: self.error(conv.int4_conv2d(**a16), conv.reference_int4_conv2d(**a16))),
+                                               lambda: self.error(conv.int4_conv2d(**a16), conv.reference_int4_conv2d(**a16)),
+                                               plan16 and plan16[-1]),
             "int4_w4a8_channel": self.measure(lambda: conv.int4_conv2d(**a8), x8.numel() + w4 + out16, ops, True,
-                                              lambda: self.error(conv.int4_conv2d(**a8), conv.reference_int4_conv2d(**a8))),
+                                              lambda: self.error(conv.int4_conv2d(**a8), conv.reference_int4_conv2d(**a8)),
+                                              plan8 and plan8[-1]),
         }
         # cuDNN pads symmetrically only: it gets the input padded once, outside the timing, as
         # (top, left, bottom, right) asks, and then does exactly the same work.
@@ -315,12 +318,19 @@ class Bench:
             results["cublas_int8_int_mm"] = self.measure(lambda: torch._int_mm(rows, w8t), x8.numel() + q.numel() + 4 * rows.shape[0] * cout, ops, True)
         else:
             results["cublas_int8_int_mm"] = {"skipped": "torch has no INT8 convolution; only 1x1 stride-1 convs are a plain GEMM"}
-        kind = "depthwise" if groups == cin == cout else "conv"
+        kind = "depthwise" if depthwise else "conv"
         name = f"{kind} {kernel}x{kernel} s{stride} {cin}->{cout} @{size}"
         self.show(f"efficientnet-lite0 {name}", batch, results)
-        return {"kind": "conv", "model": "efficientnet-lite0", "name": name, "batch": batch, "input_nhwc": [batch, size, size, cin],
+        case = {"kind": "conv", "model": "efficientnet-lite0", "name": name, "batch": batch, "input_nhwc": [batch, size, size, cin],
                 "weight": list(shape), "stride": stride, "pads": list(pads), "groups": groups, "output_hw": [oh, ow],
                 "count_in_model": count, "results": results}
+        if plan16 and batch in self.sweep_batches:
+            block_m, block_n, block_k = plan16[:3]
+            if -(-pixels // block_m) * -(-(cout // groups) // block_n) * groups < self.multiprocessors:
+                case["split_k_sweep"] = self.split_k_sweep(lambda split: conv.int4_conv2d(**a16, split_k=split),
+                                                           conv.reference_int4_conv2d(**a16), kg, block_k, plan16[-1],
+                                                           2 * x16.numel() + w4 + out16)
+        return case
 
     @staticmethod
     def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -350,8 +360,8 @@ class Bench:
             "method": ("triton.testing.do_bench median, L2 flushed before each run, warmup 25 ms, "
                        f"{self.rep_ms} ms of runs; fractions are of the peaks measured in this run; "
                        "bytes count each input, weight, scale and output once; INT4 outputs are fp16; "
-                       "INT4 linears use int4_gemm's automatic SPLIT_K (split_k in each result), "
-                       "split_k_sweep times other values in CUDA graphs"),
+                       "INT4 linears and convs use the kernels' automatic SPLIT_K (split_k in each result; "
+                       "split slices add up in the same launch), split_k_sweep times other values in CUDA graphs"),
             "int4_block_size": BLOCK,
             "peak_measured": peaks,
             "summary": summarize(cases),

@@ -8,13 +8,16 @@ channel, shape (O,), symmetric (zero point 0): the format of mpqc's w4a8 convolu
 The implicit GEMM never materialises im2col: the M axis is the output pixels (batch, oh, ow), the
 N axis the output channels of one group, and each K tile gathers its (c, kh, kw) input taps
 straight from the input, reading zeros for padding. Any input strides work, so NCHW and NHWC
-(channels-last) are the same kernel. A depthwise convolution (one input and one output channel
+(channels-last) are the same kernel. Where the output tiles leave most SMs idle (the 7x7 and
+14x14 pointwise convs of EfficientNet-Lite0 at batch 1: 49 or 196 pixels, K up to 1152) K is split
+as in the GEMM (kernels.split_k), in the same launch. A depthwise convolution (one input and one output channel
 per group) has nothing to reduce across channels, so it gets a direct kernel instead of a GEMM
 with 15/16 of every tile wasted.
 
 Activation modes as in kernels.int4_gemm: W4A16 (float16/float32 input, float32 accumulation) and
-W4A8 (int8 input with a per-tensor scale, exact int32 accumulation). Padding with zeros is exact in
-both, because the int8 zero point is 0.
+W4A8 (int8 input with a per-tensor scale, exact int32 accumulation; the depthwise kernel sums in
+float32, which is exact for its few taps). Padding with zeros is exact in both, because the int8
+zero point is 0.
 """
 
 from __future__ import annotations
@@ -27,24 +30,30 @@ import triton.language as tl
 
 from kernels.int4_gemm import FLOAT_INPUTS, epilogue, int4_dot, load_int4_tile
 from kernels.int4_layout import packed_length, unpack_int4
+from kernels.split_k import add_up_slices, choose_split_k, k_slices, multiprocessors, split_k_buffers
 
 LAYOUTS = ("NCHW", "NHWC")
 DEPTHWISE_BLOCKS = (64, 32)  # (pixels, channels) per program of the depthwise kernel
+# int8 x INT4 products are at most 128 * 8 = 2^10 in size, so float32 (24-bit significand) adds up
+# to 2^14 of them exactly: the depthwise kernel's W4A8 sums are the int32 ones, bit for bit.
+EXACT_FLOAT_TAPS = 2**14
 
 
 @triton.jit
 def _int4_conv_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
-    P, H, W, OH, OW, CG, OG, KG,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
+    P, H, W, OH, OW, CG, OG, KG, k_per_split,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_yn, stride_yc, stride_yh, stride_yw, stride_wo,
     SH, SW, PT, PL, DH, DW, x_scale,
     KH: tl.constexpr, KW: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """Program (pid_m, pid_n, group * SPLIT_K + k_slice): one output tile of one group, over one K slice."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    group = tl.program_id(2)
+    group = tl.program_id(2) // SPLIT_K
+    k_slice = tl.program_id(2) % SPLIT_K
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     p_mask = offs_p < P
     batch = offs_p // (OH * OW)
@@ -60,7 +69,8 @@ def _int4_conv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KG, BLOCK_K):
+    k_start = k_slice * k_per_split  # a multiple of BLOCK_K: slices start on a byte of the packed rows
+    for k0 in range(k_start, tl.minimum(KG, k_start + k_per_split), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         c = offs_k // (KH * KW)
         r = (offs_k % (KH * KW)) // KW
@@ -73,9 +83,15 @@ def _int4_conv_kernel(
         x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0)
         w = load_int4_tile(w_ptr, channels, o_mask, k0, stride_wo, n_bytes, BLOCK_K)
         acc += int4_dot(x, w)
-    y = epilogue(acc, scale_ptr, 1, bias_ptr, channels, o_mask, x_scale, True, INT8_X, HAS_BIAS)
-    y_offsets = (batch * stride_yn + oh * stride_yh + ow * stride_yw)[:, None] + channels[None, :] * stride_yc
-    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & o_mask[None, :])
+    if SPLIT_K == 1:
+        finishes = True
+    else:
+        tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+        acc, finishes = add_up_slices(acc, workspace_ptr, counter_ptr, tile, k_slice, SPLIT_K, BLOCK_M, BLOCK_N)
+    if finishes:
+        y = epilogue(acc, scale_ptr, 1, bias_ptr, channels, o_mask, x_scale, True, INT8_X, HAS_BIAS)
+        y_offsets = (batch * stride_yn + oh * stride_yh + ow * stride_yw)[:, None] + channels[None, :] * stride_yc
+        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & o_mask[None, :])
 
 
 @triton.jit
@@ -85,9 +101,11 @@ def _int4_depthwise_kernel(
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_yn, stride_yc, stride_yh, stride_yw, stride_wo,
     SH, SW, PT, PL, DH, DW, x_scale,
-    KH: tl.constexpr, KW: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr, INT_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """INT_ACC: sum int8 inputs in int32; off, they sum in float32, exact up to EXACT_FLOAT_TAPS taps
+    and on NVIDIA GPUs at twice the rate of 32-bit integer multiply-adds."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,7 +115,7 @@ def _int4_depthwise_kernel(
     ow = offs_p % OW
     channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = channels < C
-    if INT8_X:
+    if INT_ACC:
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -114,7 +132,7 @@ def _int4_depthwise_kernel(
             inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_offsets = (batch * stride_xn + ih * stride_xh + iw * stride_xw)[:, None] + channels[None, :] * stride_xc
             x = tl.load(x_ptr + x_offsets, mask=inside[:, None] & c_mask[None, :], other=0)
-            if INT8_X:
+            if INT_ACC:
                 acc += x.to(tl.int32) * w.to(tl.int32)[None, :]
             else:
                 acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
@@ -137,6 +155,7 @@ def int4_conv2d(
     groups: int = 1,
     layout: str = "NCHW",
     out_dtype: torch.dtype | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """Conv2d of x with the INT4 weight of shape `weight_shape` = (O, C/groups, KH, KW).
 
@@ -144,7 +163,11 @@ def int4_conv2d(
     with `x_scale` (W4A8). The output has the same layout. padding: an int, (pad_h, pad_w), or
     ONNX-style (top, left, bottom, right), as the TensorFlow-"same" stride-2 convs of
     EfficientNet-Lite0 need. out_dtype: defaults to x's dtype for float inputs, float32 for int8.
+    split_k: K slices of the implicit GEMM, summed in the launch; None lets conv_split_k choose.
+    Depthwise convolutions have no K to split and ignore it.
     """
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
     geometry = _geometry(x, packed_weight, weight_scale, weight_shape, bias, x_scale, stride, padding, dilation, groups, layout)
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
     batch, _, height, width = geometry.input_shape
@@ -170,18 +193,38 @@ def int4_conv2d(
         grid = (triton.cdiv(pixels, block_m), triton.cdiv(out_channels, block_c))
         _int4_depthwise_kernel[grid](
             xv, weight, scale, bias_arg, yv, pixels, out_channels, height, width, oh, ow, *common,
-            KH=kh, KW=kw, INT8_X=int8_x, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+            KH=kh, KW=kw, INT8_X=int8_x, HAS_BIAS=bias is not None, INT_ACC=int8_x and kh * kw > EXACT_FLOAT_TAPS,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
         )
         return y
     og, kg = out_channels // groups, cg * kh * kw
-    block_m, block_n, block_k, warps = conv_config(pixels, og, kg, int8_x)
-    grid = (triton.cdiv(pixels, block_m), triton.cdiv(og, block_n), groups)
+    block_m, block_n, block_k, warps, auto_split_k = implicit_gemm_plan(x, pixels, out_channels, groups, kg)
+    split_k, k_per_split = k_slices(kg, block_k, split_k or auto_split_k)
+    grid = (triton.cdiv(pixels, block_m), triton.cdiv(og, block_n), groups * split_k)
+    workspace, counters = y, y  # never read unsplit
+    if split_k > 1:
+        workspace, counters = split_k_buffers(grid[0] * grid[1] * groups, split_k, block_m, block_n, int8_x, x.device)
     _int4_conv_kernel[grid](
-        xv, weight, scale, bias_arg, yv, pixels, height, width, oh, ow, cg, og, kg, *common,
+        xv, weight, scale, bias_arg, yv, workspace, counters, pixels, height, width, oh, ow, cg, og, kg, k_per_split, *common,
         KH=kh, KW=kw, INT8_X=int8_x, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps,
+        SPLIT_K=split_k, num_warps=warps,
     )
     return y
+
+
+def implicit_gemm_plan(x: torch.Tensor, pixels: int, out_channels: int, groups: int, kg: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, SPLIT_K) of the implicit GEMM of input x.
+
+    pixels: output pixels (batch * OH * OW); kg: the GEMM's K, (C / groups) * KH * KW. SPLIT_K is
+    kernels.split_k.choose_split_k's rule on the conv's sizes, for x's GPU.
+    """
+    og = out_channels // groups
+    block_m, block_n, block_k, warps = conv_config(pixels, og, kg, x.dtype == torch.int8)
+    tiles = triton.cdiv(pixels, block_m) * triton.cdiv(og, block_n) * groups
+    reads = x.numel() * x.element_size() + out_channels * packed_length(kg)
+    split_k = choose_split_k(tiles=tiles, block_m=block_m, block_n=block_n, block_k=block_k, k=kg, reads=reads,
+                             outputs=pixels * out_channels, multiprocessors=multiprocessors(x.device))
+    return block_m, block_n, block_k, warps, split_k
 
 
 def conv_config(pixels: int, og: int, kg: int, int8_x: bool) -> tuple[int, int, int, int]:

@@ -17,36 +17,22 @@ Two activation modes:
   per block.
 
 Split-K: when M and N give too few output tiles to fill the GPU (batch-1 GEMV, MiniLM's 128-token
-linears), K is cut into SPLIT_K slices of whole BLOCK_K tiles, one program per (tile, slice), and
-the slices' partial sums are added with atomics into a zeroed buffer (split_k_config chooses).
-Float partial sums then add in whatever order the slices finish, so split float results may differ
-from run to run in the last bits; per-channel W4A8 adds int32 sums and stays exact. `split_k=1`
-gives run-to-run identical float results where that matters more than speed.
+linears), K is cut into slices summed in the same launch (kernels.split_k; split_k_config chooses).
+Split results are the same bits on every run; float ones differ from the unsplit kernel's only in
+the order of the sum, and per-channel W4A8 (exact int32 sums) not at all.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.int4_layout import packed_length, unpack_int4
+from kernels.split_k import add_up_slices, choose_split_k, k_slices, multiprocessors, split_k_buffers
 
 BLOCK_SIZES = (32, 64, 128)
 FLOAT_INPUTS = (torch.float16, torch.float32)
-# Split-K (split_k_config): programs per SM worth launching, and how many times the bytes it must
-# read the kernel may move again as atomically added partial sums. Those land in L2 (the buffer is
-# small), far cheaper than DRAM reads, so 16 still lets MiniLM's 128-row linears split K finely.
-PROGRAMS_PER_SM = 8
-ATOMIC_TRAFFIC = 16
-# Splitting adds two launches (zeroing the buffer, finishing it): on an H200 a 16 x 16 tile over
-# K = 384 ran 4.0 us whole and 4.4-5.0 us split, over K = 1280 9.8 us whole and 5.9 us split. So
-# split only programs whose K loop has at least this many multiply-adds (16 x 16 outputs, K = 512).
-MIN_SPLIT_MACS = 16 * 16 * 512
-INTERPRETER_MULTIPROCESSORS = 132  # an H100's or H200's
-FINISH_BLOCK_M, FINISH_BLOCK_N = 16, 128
 
 
 @triton.jit
@@ -95,7 +81,7 @@ def epilogue(acc, scale_ptr, stride_s, bias_ptr, channels, channel_mask, x_scale
 
 @triton.jit
 def _int4_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_xk, stride_wn, stride_sn, stride_sb, stride_ym, stride_yn,
     x_scale,
@@ -104,8 +90,8 @@ def _int4_gemm_kernel(
 ):
     """Program (pid_m, pid_n, pid_k): one output tile, summed over K slice pid_k.
 
-    SPLIT_K == 1: one slice, y gets the finished tile. SPLIT_K > 1: y is a zeroed float32 buffer
-    (int32 for per-channel W4A8) that every slice adds its partial sum into; see store_split.
+    SPLIT_K > 1: the slices of a tile meet in kernels.split_k.add_up_slices, and the last to
+    arrive finishes the tile; workspace_ptr and counter_ptr are unused when SPLIT_K == 1.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -134,48 +120,15 @@ def _int4_gemm_kernel(
             acc += part.to(tl.float32) * scale[None, :]
         else:
             acc += part
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    y_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
+        finishes = True
+    else:
+        acc, finishes = add_up_slices(acc, workspace_ptr, counter_ptr, pid_m * tl.num_programs(1) + pid_n, pid_k,
+                                      SPLIT_K, BLOCK_M, BLOCK_N)
+    if finishes:
         y = epilogue(acc, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale, not BLOCKWISE, INT8_X, HAS_BIAS)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        store_split(acc, y_ptrs, y_mask, pid_k, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale,
-                    INT8_X and not BLOCKWISE, not BLOCKWISE, INT8_X, HAS_BIAS)
-
-
-@triton.jit
-def store_split(acc, y_ptrs, y_mask, pid_k, scale_ptr, stride_s, bias_ptr, channels, channel_mask, x_scale,
-                INT_ACC: tl.constexpr, PER_CHANNEL: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Add one K slice's partial sum into the zeroed buffer at y_ptrs (relaxed: only the sum matters)."""
-    if INT_ACC:
-        # Per-channel W4A8: int32 partial sums add exactly, in any order; the scales and the bias
-        # are applied once, to the total, by _split_k_finish_kernel.
-        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
-    else:
-        # The scales are linear, so each slice applies its own; the bias is added once, by slice 0.
-        y = epilogue(acc, scale_ptr, stride_s, bias_ptr, channels, channel_mask, x_scale, PER_CHANNEL, INT8_X, False)
-        if HAS_BIAS:
-            if pid_k == 0:
-                y = y + tl.load(bias_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-        tl.atomic_add(y_ptrs, y, mask=y_mask, sem="relaxed")
-
-
-@triton.jit
-def _split_k_finish_kernel(
-    acc_ptr, scale_ptr, bias_ptr, y_ptr, M, N, stride_sn, x_scale,
-    PER_CHANNEL: tl.constexpr, INT8_X: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """y = the summed split-K buffer (contiguous (M, N)) with whatever epilogue is left, cast to y's type."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
-    offsets = offs_m[:, None] * N + offs_n[None, :]
-    acc = tl.load(acc_ptr + offsets, mask=mask, other=0)
-    y = epilogue(acc, scale_ptr, stride_sn, bias_ptr, offs_n, n_mask, x_scale, PER_CHANNEL, INT8_X, HAS_BIAS)
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def int4_gemm(
@@ -194,7 +147,7 @@ def int4_gemm(
     x: float16/float32 (W4A16) or int8 with `x_scale` (W4A8). packed_weight: (N, ceil(K / 2)) uint8.
     weight_scale: (N,) per channel, or (N, ceil(K / block_size)) with `block_size`.
     out_dtype: defaults to x's dtype for float inputs and float32 for int8 inputs.
-    split_k: K slices summed with atomics; None lets split_k_config choose (tests force it).
+    split_k: K slices summed in the launch (kernels.split_k); None lets split_k_config choose.
     """
     n, k = _check_gemm_args(x, packed_weight, weight_scale, bias, x_scale, block_size)
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
@@ -213,38 +166,20 @@ def int4_gemm(
         split_k = split_k_config(m, n, k, block_size, multiprocessors(x.device))
     split_k, k_per_split = k_slices(k, block_k, split_k)
     int8_x, blockwise = x.dtype == torch.int8, block_size is not None
-    int_acc = int8_x and not blockwise
-    if split_k == 1:
-        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    elif out_dtype == torch.float32 and not int_acc:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)  # the slices add straight into it
-    else:
-        y = torch.zeros((m, n), dtype=torch.int32 if int_acc else torch.float32, device=x.device)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    workspace, counters = y, y  # never read unsplit
+    if split_k > 1:
+        workspace, counters = split_k_buffers(grid[0] * grid[1], split_k, block_m, block_n, int8_x and not blockwise, x.device)
     _int4_gemm_kernel[grid](
-        x2, weight, scale, bias_arg, y,
+        x2, weight, scale, bias_arg, y, workspace, counters,
         m, n, k, k_per_split,
         x2.stride(0), x2.stride(1), weight.stride(0), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
         float(x_scale) if x_scale is not None else 1.0,
         INT8_X=int8_x, BLOCKWISE=blockwise, SCALE_BLOCK=block_size or 1,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
     )
-    if y.dtype != out_dtype:
-        y = _finish_split_k(y, out_dtype, scale, bias_arg, bias is not None, x_scale, int_acc)
     return y.reshape(*lead, n)
-
-
-def _finish_split_k(acc, out_dtype, scale, bias_arg, has_bias, x_scale, int_acc) -> torch.Tensor:
-    """The split-K buffer's total as out_dtype: for int32 sums, after the scales and bias they still lack."""
-    m, n = acc.shape
-    y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
-    grid = (triton.cdiv(m, FINISH_BLOCK_M), triton.cdiv(n, FINISH_BLOCK_N))
-    _split_k_finish_kernel[grid](
-        acc, scale, bias_arg, y, m, n, scale.stride(0), float(x_scale) if x_scale is not None else 1.0,
-        PER_CHANNEL=int_acc, INT8_X=int_acc, HAS_BIAS=int_acc and has_bias,
-        BLOCK_M=FINISH_BLOCK_M, BLOCK_N=FINISH_BLOCK_N,
-    )
-    return y
 
 
 def gemm_config(m: int, n: int, block_size: int | None) -> tuple[int, int, int, int]:
@@ -266,41 +201,11 @@ def gemm_config(m: int, n: int, block_size: int | None) -> tuple[int, int, int, 
 
 
 def split_k_config(m: int, n: int, k: int, block_size: int | None, multiprocessors: int) -> int:
-    """SPLIT_K for int4_gemm: 1 unless the output tiles alone leave SMs idle.
-
-    A program's K loop waits on a DRAM load per tile, so with few tiles (small M and N) the GPU
-    sits mostly idle: splitting K puts more loads in flight at once. Capped at PROGRAMS_PER_SM
-    programs per SM (more only queue), and so that the partial sums added with atomics (4 bytes
-    per output per slice) stay within ATOMIC_TRAFFIC times the bytes the kernel must read anyway.
-    Short K loops (under MIN_SPLIT_MACS per program) stay whole: the extra launches cost more.
-    """
+    """SPLIT_K for int4_gemm on a GPU with this many SMs (kernels.split_k.choose_split_k's rule)."""
     block_m, block_n, block_k, _ = gemm_config(m, n, block_size)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if tiles >= multiprocessors or k * block_m * block_n < MIN_SPLIT_MACS:
-        return 1
-    reads = m * k + n * k // 2  # activation (at least a byte each) and packed weight bytes
-    split = min(triton.cdiv(k, block_k), triton.cdiv(PROGRAMS_PER_SM * multiprocessors, tiles),
-                max(1, ATOMIC_TRAFFIC * reads // (4 * m * n)))
-    return k_slices(k, block_k, split)[0]
-
-
-def k_slices(k: int, block_k: int, split_k: int) -> tuple[int, int]:
-    """(slices, k_per_split): split_k slices of whole BLOCK_K tiles, fewer where some would be empty."""
-    tiles = triton.cdiv(k, block_k)
-    per_split = triton.cdiv(tiles, min(split_k, tiles))
-    return triton.cdiv(tiles, per_split), per_split * block_k
-
-
-def multiprocessors(device: torch.device) -> int:
-    """SMs of x's GPU; CPU tensors (Triton's interpreter) plan as for an H100, so tests see the GPU's choices."""
-    if device.type != "cuda":
-        return INTERPRETER_MULTIPROCESSORS
-    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return choose_split_k(tiles=triton.cdiv(m, block_m) * triton.cdiv(n, block_n), block_m=block_m, block_n=block_n,
+                          block_k=block_k, k=k, reads=m * k + n * k // 2,  # activations (a byte or more each), packed weights
+                          outputs=m * n, multiprocessors=multiprocessors)
 
 
 def _check_gemm_args(x, packed_weight, weight_scale, bias, x_scale, block_size) -> tuple[int, int]:

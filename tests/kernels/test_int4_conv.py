@@ -1,5 +1,5 @@
 """The Triton INT4 implicit-GEMM convolution against its torch reference: strides, padding, dilation,
-groups, depthwise, NCHW and NHWC, W4A16 (fp32, fp16) and W4A8."""
+groups, depthwise, NCHW and NHWC, W4A16 (fp32, fp16) and W4A8, K whole and split."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'): no INT4 kernels to test")
 
-from kernels.int4_conv import DEPTHWISE_BLOCKS, conv_config, int4_conv2d, reference_int4_conv2d  # noqa: E402
+from kernels.int4_conv import DEPTHWISE_BLOCKS, conv_config, implicit_gemm_plan, int4_conv2d, reference_int4_conv2d  # noqa: E402
 from kernels.int4_layout import pack_int4  # noqa: E402
 
 MODES = {"w4a16-fp32": 1e-5, "w4a16-fp16": 1e-3, "w4a8": 1e-5}  # as in test_int4_gemm
@@ -49,13 +49,16 @@ def output_fits(size, kernel, stride, pads, dilation) -> bool:
     dilation=st.integers(1, 2),
     mode=st.sampled_from(sorted(MODES)),
     layout=st.sampled_from(["NCHW", "NHWC"]),
+    split_k=st.sampled_from([None, None, 2, 3, 7]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(device, check_close, batch, groups, cg, og, size, kernel, stride, pads, dilation, mode, layout, seed):
+def test_matches_reference(device, check_close, batch, groups, cg, og, size, kernel, stride, pads, dilation, mode, layout, split_k, seed):
+    """split_k None is the automatic choice (K whole at these sizes); forced counts may exceed K's tiles."""
     assume(output_fits(size, kernel, stride, pads, dilation))
     args = make_case(batch, cg * groups, size, og * groups, kernel, groups, mode, layout, seed, device)
     conv = dict(stride=stride, padding=pads, dilation=dilation)
-    check_close(f"conv {mode} [{device}]", int4_conv2d(**args, **conv), reference_int4_conv2d(**args, **conv), MODES[mode])
+    actual = int4_conv2d(**args, **conv, split_k=split_k)
+    check_close(f"conv {'split-K ' if split_k else ''}{mode} [{device}]", actual, reference_int4_conv2d(**args, **conv), MODES[mode])
 
 
 @settings(max_examples=50, deadline=None)
@@ -99,6 +102,30 @@ def test_efficientnet_conv_kinds(device, check_close, kind, layout, mode):
     check_close(f"conv {mode} [{device}]", int4_conv2d(**args, **conv), reference_int4_conv2d(**args, **conv), MODES[mode])
 
 
+# EfficientNet-Lite0's last pointwise convs at batch 1: 49 pixels, so few output tiles that K is split.
+LITE0_SPLIT = {"project 1152->192 @7": (1152, 7, 192), "head 320->1280 @7": (320, 7, 1280)}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("kind", sorted(LITE0_SPLIT))
+def test_efficientnet_batch1_pointwise_is_split(device, check_close, kind, mode):
+    channels, size, out_channels = LITE0_SPLIT[kind]
+    args = make_case(1, channels, (size, size), out_channels, (1, 1), 1, mode, "NHWC", 3, device)
+    assert implicit_gemm_plan(args["x"], size * size, out_channels, 1, channels)[-1] > 1
+    actual = int4_conv2d(**args)
+    check_close(f"conv split-K {mode} [{device}]", actual, reference_int4_conv2d(**args), MODES[mode])
+    for _ in range(2):  # the slices are added in slice order: the same bits every run
+        assert torch.equal(int4_conv2d(**args), actual)
+    if mode == "w4a8":  # exact int32 sums: bit for bit the unsplit result
+        assert torch.equal(int4_conv2d(**args, split_k=1), actual)
+
+
+def test_larger_tiles_do_not_split():
+    """Batch 64 at 7x7 (3136 pixels) fills an H100's or H200's 132 SMs with output tiles alone."""
+    x = torch.zeros(64, 7, 7, 1152, dtype=torch.float16)
+    assert implicit_gemm_plan(x, 64 * 49, 192, 1, 1152)[-1] == 1
+
+
 def test_reference_is_a_float_conv(device):
     """The reference equals torch's own conv of the dequantized weight: no shared unpacking to hide behind."""
     gen = torch.Generator().manual_seed(5)
@@ -131,6 +158,7 @@ def test_layouts_agree(device):
         ({"weight_scale": torch.ones(8, 2)}, "per output channel"),
         ({"packed_weight": torch.zeros(8, 9, dtype=torch.uint8)}, "packed_weight must be uint8 of shape"),
         ({"layout": "CHWN"}, "layout must be one of"),
+        ({"split_k": 0}, "split_k must be"),
     ],
 )
 def test_rejects_inconsistent_arguments(change, error):
@@ -151,22 +179,26 @@ def test_compiles_for_gpus_without_one(compile_for_gpu):
     (32 for int8, which a 1x1 conv over 16 channels would otherwise miss): this does, without a GPU."""
     common = ["stride_xn", "stride_xc", "stride_xh", "stride_xw", "stride_yn", "stride_yc", "stride_yh", "stride_yw",
               "stride_wo", "SH", "SW", "PT", "PL", "DH", "DW"]
-    general = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "P", "H", "W", "OH", "OW", "CG", "OG", "KG", *common, "x_scale"]
+    general = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "workspace_ptr", "counter_ptr",
+               "P", "H", "W", "OH", "OW", "CG", "OG", "KG", "k_per_split", *common, "x_scale"]
     depthwise = ["x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "y_ptr", "P", "C", "H", "W", "OH", "OW", *common, "x_scale"]
     jobs = []
     for x_type, y_type, arch in (("*fp16", "*fp16", 80), ("*fp32", "*fp32", 87), ("*i8", "*fp16", 87)):
         int8_x = x_type == "*i8"
 
-        def job(kernel, names, constexprs, warps=4):
-            types = [x_type, "*i8", "*fp32", "*fp32", y_type] + ["i32"] * (len(names) - 6) + ["fp32"]
+        def job(kernel, names, pointers, constexprs, warps=4):
+            types = [x_type, "*i8", "*fp32", "*fp32", y_type, *pointers] + ["i32"] * (len(names) - 6 - len(pointers)) + ["fp32"]
             return {"kernel": f"kernels.int4_conv:{kernel}", "signature": dict(zip(names, types)),
                     "constexprs": dict(INT8_X=int8_x, HAS_BIAS=True, **constexprs), "arch": arch, "num_warps": warps}
 
-        # The 1x1 16->96 conv at 112x112 (K = 16, large tiles) and the 3x3 stem at batch 1 (K = 27).
-        for pixels, og, kg, k in ((12544, 96, 16, 1), (12544, 32, 27, 3)):
+        # The 1x1 16->96 conv at 112x112 (K = 16, large tiles), the 3x3 stem at batch 1 (K = 27), and
+        # the split 1x1 1152->192 conv at 7x7 (int32 or float partial sums).
+        for pixels, og, kg, k, split_k in ((12544, 96, 16, 1, 1), (12544, 32, 27, 3, 1), (49, 192, 1152, 1, 18)):
             block_m, block_n, block_k, warps = conv_config(pixels, og, kg, int8_x)
-            jobs.append(job("_int4_conv_kernel", general, dict(KH=k, KW=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), warps))
+            pointers = (y_type, y_type) if split_k == 1 else ("*i32" if int8_x else "*fp32", "*i32")
+            jobs.append(job("_int4_conv_kernel", general, pointers,
+                            dict(KH=k, KW=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k), warps))
         block_m, block_c = DEPTHWISE_BLOCKS
-        jobs.append(job("_int4_depthwise_kernel", depthwise, dict(KH=5, KW=5, BLOCK_M=block_m, BLOCK_C=block_c)))
+        jobs.append(job("_int4_depthwise_kernel", depthwise, (), dict(KH=5, KW=5, INT_ACC=False, BLOCK_M=block_m, BLOCK_C=block_c)))
     compiled = compile_for_gpu(jobs)  # asserts each cubin exists and fits the GPU's shared memory
     assert len(compiled) == len(jobs)
