@@ -24,7 +24,8 @@ from mpqc.costmodel.table import LatencyTable
 from mpqc.costmodel.validate import validate
 from mpqc.report.plots import validation_scatter
 from mpqc.targets import load_target
-from mpqc.versions import machine, versions
+from mpqc.files import write_atomically
+from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -50,10 +51,9 @@ def run(model: str, policies: int, batch: int = 1) -> dict:
         "first_run_s": first_s, "first_run_layers": first["layers"],
         "second_run_s": again_s, "second_run_layers": again["layers"],
     }
-    result["versions"], result["machine"] = versions(), machine()
-    result["date"] = time.strftime("%Y-%m-%d")
+    result.update(provenance())
     stem = RESULTS / f"costmodel_{model}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     validation_scatter(result, stem.with_suffix(".png"))
     return result
 

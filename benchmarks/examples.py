@@ -17,7 +17,8 @@ import tempfile
 import time
 
 from mpqc.build import BuildOptions, build
-from mpqc.versions import machine, versions
+from mpqc.files import write_atomically
+from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -86,14 +87,10 @@ def main() -> int:
         "target": "ort-cpu",
         "batch": 1,
         "runs_per_measurement": args.runs,
-        "versions": versions(),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
+        **provenance(),
         "rows": rows,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

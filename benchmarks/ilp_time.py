@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from mpqc.search.ilp import LatencyModel, smallest, solve
-from mpqc.versions import machine, versions
+from mpqc.files import write_atomically
+from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PRECISIONS = ("fp32", "w8a8", "w4a8")
@@ -95,13 +96,9 @@ def main() -> int:
         "repeats": args.repeats,
         "median_ms_at_lambda_0.5": next(r["median_ms"] for r in rows if r["lambda"] == 0.5),
         "rows": rows,
-        "versions": versions(),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
+        **provenance(),
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

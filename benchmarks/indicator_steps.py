@@ -38,7 +38,8 @@ from mpqc.examples import load_example  # noqa: E402
 from mpqc.search.policy_search import sensitivity_context  # noqa: E402
 from mpqc.sensitivity.indicators import train_indicators  # noqa: E402
 from mpqc.targets import load_target  # noqa: E402
-from mpqc.versions import machine, versions  # noqa: E402
+from mpqc.files import write_atomically  # noqa: E402
+from mpqc.versions import provenance  # noqa: E402
 
 
 def step_movement(initial: dict, learned: dict) -> dict:
@@ -103,13 +104,10 @@ def main() -> int:
         "seed": args.seed,
         "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
         else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
-        "machine": machine(),
+        **provenance(),
         "results": results,
     }
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"indicator_steps_{args.model}.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    out = write_atomically(args.out or RESULTS / f"indicator_steps_{args.model}.json", json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

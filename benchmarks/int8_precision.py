@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import time
 
 import numpy as np
 
@@ -26,7 +25,8 @@ from mpqc.build import BuildOptions, Lowering, analyze
 from mpqc.examples import load_example
 from mpqc.policy import Policy
 from mpqc.targets import load_target
-from mpqc.versions import machine, versions
+from mpqc.files import write_atomically
+from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -63,11 +63,10 @@ def main() -> int:
         results[name] = {"eval_samples": len(reference), **rows}
         print(name, json.dumps(rows), flush=True)
 
-    info = machine()
-    record = {"benchmark": "int8_precision", "target": target.name, "date": time.strftime("%Y-%m-%d"),
-              "versions": versions(), "machine": info, "batch": 1, "timed_runs": args.runs, "results": results}
-    out = RESULTS / f"int8_precision_{'-'.join(info['int8_features']) or 'none'}.json"
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    record = {"benchmark": "int8_precision", "target": target.name, **provenance(), "batch": 1, "timed_runs": args.runs,
+              "results": results}
+    features = "-".join(record["machine"]["int8_features"]) or "none"
+    out = write_atomically(RESULTS / f"int8_precision_{features}.json", json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -26,7 +26,6 @@ import os
 import pathlib
 import re
 import sys
-import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 # Run as `python benchmarks/kernels.py`, this folder is sys.path[0], and this file's own name would
@@ -127,10 +126,10 @@ def main() -> int:
     if failures:
         print("INT4 kernels disagree with their references; nothing written:\n  " + "\n  ".join(failures))
         return 1
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"kernels_{slug(bench.device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from mpqc.files import write_atomically
+
     record = bench.record(peaks, cases)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_atomically(args.out or RESULTS / f"kernels_{slug(bench.device_name)}.json", json.dumps(record, indent=2) + "\n")
     show_summary(record["summary"])
     print(f"wrote {out}")
     return 0
@@ -347,16 +346,15 @@ class Bench:
     def record(self, peaks: dict, cases: list[dict]) -> dict:
         import triton
 
-        from mpqc.versions import machine, versions
+        from mpqc.versions import provenance
 
-        props = torch.cuda.get_device_properties(0)
+        props, made = torch.cuda.get_device_properties(0), provenance()
         return {
             "benchmark": "kernels",
             "device": {"name": self.device_name, "capability": f"{props.major}.{props.minor}",
                        "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30},
-            "versions": versions() | {"triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
-            "machine": machine(),
-            "date": time.strftime("%Y-%m-%d"),
+            **made,
+            "versions": made["versions"] | {"triton": triton.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
             "method": ("triton.testing.do_bench median, L2 flushed before each run, warmup 25 ms, "
                        f"{self.rep_ms} ms of runs; fractions are of the peaks measured in this run; "
                        "bytes count each input, weight, scale and output once; INT4 outputs are fp16; "

@@ -37,7 +37,8 @@ from mpqc.search.ilp import bitops_and_size, smallest, solve
 from mpqc.search.policy_search import sensitivity_context
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
-from mpqc.versions import machine, versions
+from mpqc.files import write_atomically
+from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METHODS = ("seam", "limpq", "hawq", "qerror")
@@ -247,9 +248,7 @@ def main() -> int:
         "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
         else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
         "float_metric": evaluate.metric(evaluate.reference),
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
-        "machine": machine(),
+        **provenance(),
         "settings": {"seeds": args.seeds, "methods": args.methods, "epochs": args.epochs, "random_per_budget_and_seed": args.random,
                      "timed_runs": args.runs, "batch": 1, "proxies": proxies_described,
                      "calibration": "the example's default proxy samples, min-max, the same for every policy",
@@ -262,8 +261,7 @@ def main() -> int:
         "runs": rows,
         "random": random_rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    write_atomically(out, json.dumps(record, indent=1) + "\n")
     plot(record, out.with_suffix(".png"))
     print(f"wrote {out}")
     return 0

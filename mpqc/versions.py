@@ -37,3 +37,10 @@ def machine() -> dict[str, object]:
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "arch": platform.machine(),
             "int8_features": [feature for feature in INT8_FEATURES if feature in flags]}
+
+
+def provenance() -> dict[str, object]:
+    """The date, package versions and machine: what every benchmark result records of its making."""
+    import time
+
+    return {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "machine": machine()}

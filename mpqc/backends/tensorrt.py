@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 import onnx
@@ -30,6 +28,7 @@ import onnx
 from mpqc.backends.int4_conv_plugin_graph import int4_conv_nodes, rewrite_int4_convs
 from mpqc.backends.tensorrt_inspect import compare_with_policy, layer_precisions, precision_report  # noqa: F401 (public API)
 from mpqc.errors import MpqcError
+from mpqc.files import write_atomically
 from mpqc.targets import Target
 
 MISSING_TENSORRT = "TensorRT is not installed: install mpqc[tensorrt] on the machine with the GPU"
@@ -146,7 +145,7 @@ def build_engine(onnx_bytes: bytes, target: Target, *, timing_cache_path: str | 
         log = "; ".join(logger.messages[-5:]) or "no message"
         raise MpqcError(f"TensorRT could not build an engine for target '{target.name}': {log}")
     if timing_cache_path is not None and cache is not None:
-        _write_atomically(pathlib.Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
+        write_atomically(timing_cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
@@ -400,12 +399,6 @@ def engine_artifacts(model_bytes: bytes, target: Target, policy, layers, batch: 
     return {"model.engine": engine_bytes}, section
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(data)
-    os.replace(temporary, path)
 
 
 def profile_trt(*args, **kwargs):

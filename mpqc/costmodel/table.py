@@ -11,11 +11,10 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 
 from mpqc.errors import MpqcError
+from mpqc.files import write_atomically
 from mpqc.targets import Target
 from mpqc.versions import machine, versions
 
@@ -90,9 +89,4 @@ class LatencyTable:
             "entries": dict(sorted(self.entries.items())),
             "models": dict(sorted(self.models.items())),
         }
-        # Write beside the table and rename: an interrupted profile never leaves a torn table.
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".table.", suffix=".json")
-        with os.fdopen(handle, "w") as stream:
-            stream.write(json.dumps(data, indent=1) + "\n")
-        os.chmod(temporary, 0o644)  # a shared table, not a private temporary file
-        os.replace(temporary, self.path)
+        write_atomically(self.path, json.dumps(data, indent=1) + "\n")  # an interrupted profile leaves no torn table

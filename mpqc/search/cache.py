@@ -13,9 +13,9 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 
+from mpqc.files import write_atomically
 from mpqc.targets import Target
 
 # Part of the key: changing how scores are computed or stored must change this, not reuse old files.
@@ -63,19 +63,9 @@ def load_scores(folder: pathlib.Path, key: str, candidates: Mapping[str, Sequenc
 
 
 def save_scores(folder: pathlib.Path, key: str, scores: Mapping[tuple[str, str], float]) -> None:
-    """Write through a temporary file and os.replace, so a reader never sees half a file."""
+    """Write atomically, so a reader never sees half a file."""
     data = {"format": _FORMAT, "key": key, "scores": [[layer, name, float(v)] for (layer, name), v in sorted(scores.items())]}
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+        write_atomically(folder / f"{key}.json", json.dumps(data))
     except OSError:
-        return  # an unwritable cache costs only the time of scoring again next build
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file)
-        os.replace(temporary, folder / f"{key}.json")
-    except OSError:
-        pathlib.Path(temporary).unlink(missing_ok=True)  # a full disk: as above, skip the cache
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+        pass  # an unwritable cache or a full disk costs only the time of scoring again next build
