@@ -36,7 +36,7 @@ from transfer import PROXIES, RESULTS, Evaluator, Sweeps  # noqa: E402  (the sam
 from mpqc.build import BuildOptions, analyze  # noqa: E402
 from mpqc.examples import load_example  # noqa: E402
 from mpqc.search.policy_search import sensitivity_context  # noqa: E402
-from mpqc.sensitivity.indicators import train_indicators  # noqa: E402
+from mpqc.sensitivity.indicators import STEP_LR, train_indicators  # noqa: E402
 from mpqc.targets import load_target  # noqa: E402
 from mpqc.files import write_atomically  # noqa: E402
 from mpqc.versions import provenance  # noqa: E402
@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, nargs="+", default=[0, 3, 12], help="0: the untrained initial steps")
     parser.add_argument("--full", type=int, help="size of the full proxy (as in benchmarks/transfer.py)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-lrs", type=float, nargs="+", default=[STEP_LR],
+                        help=f"step learning rates, relative to each step's initial value, to train with (default {STEP_LR})")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/indicator_steps_<model>.json)")
     args = parser.parse_args()
 
@@ -71,13 +73,14 @@ def main() -> int:
     base = sensitivity_context(analysis, target, ir.to_proto(analysis.model), full.feeds, candidates, options, full.labels)
 
     results, initial = [], None
-    for epochs in sorted(args.epochs):
+    runs = [(epochs, step_lr) for epochs in sorted(args.epochs) for step_lr in (args.step_lrs if epochs else [None])]
+    for epochs, step_lr in runs:
         clock = time.perf_counter()
-        result = train_indicators(dataclasses.replace(base, epochs=epochs), regularize=True, gmpq=False)
+        result = train_indicators(dataclasses.replace(base, epochs=epochs, step_lr=step_lr), regularize=True, gmpq=False)
         seconds = time.perf_counter() - clock
         if epochs == 0:
             initial = result.weight_steps
-        row = {"epochs": epochs, "optimizer_steps": result.optimizer_steps, "seconds": seconds, "policies": []}
+        row = {"epochs": epochs, "step_lr": step_lr, "optimizer_steps": result.optimizer_steps, "seconds": seconds, "policies": []}
         if initial is not None and epochs > 0:
             layers = sorted(result.weight_steps)
             learned_gap = [result.weight_steps[layer][4] - result.weight_steps[layer][8] for layer in layers]
@@ -91,9 +94,11 @@ def main() -> int:
                                     "metric": measured["metric"], "kl_divergence": measured["kl_divergence"],
                                     "assignments": assignments})
         results.append(row)
-        print(f"epochs {epochs:>3}: {seconds:6.1f} s, " + ", ".join(
+        print(f"epochs {epochs:>3} step lr {step_lr}: {seconds:6.1f} s, " + ", ".join(
             f"bitops@{p['point']} {p['metric']:.2f}" for p in row["policies"])
-            + (f", spearman vs initial {row['spearman_gap_learned_vs_initial']:.3f}" if "spearman_gap_learned_vs_initial" in row else ""),
+            + (f", spearman vs initial {row['spearman_gap_learned_vs_initial']:.3f}, 4-bit steps x"
+               + "{min:.2f}-{max:.2f}".format(**row["weight_step_learned_over_initial"]["4"])
+               if "spearman_gap_learned_vs_initial" in row else ""),
             flush=True)
 
     record = {

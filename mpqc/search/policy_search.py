@@ -196,6 +196,7 @@ def _scores(analysis, context: SensitivityContext, method: str, options: "BuildO
     settings = {
         "labels_sha256": None if context.labels is None else hashlib.sha256(np.ascontiguousarray(context.labels)).hexdigest(),
         "epochs": context.epochs, "batch_size": context.batch_size, "gmpq": context.gmpq, "classifier": context.classifier,
+        "step_lr": context.step_lr,
     }
     key = cache.score_key(analysis.loaded.sha256(), feeds_sha256(context.feeds), method, options.seed, context.target,
                           context.candidates, settings)

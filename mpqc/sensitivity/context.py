@@ -48,6 +48,9 @@ class SensitivityContext:
     epochs: int = 3
     batch_size: int = 32
     gmpq: bool = False  # add the attribution-imitation (Grad-CAM) term to indicator training
+    # Adam learning rate of the learned indicators' LSQ steps, relative to each step's initial value
+    # (None: mpqc.sensitivity.indicators.STEP_LR).
+    step_lr: float | None = None
 
     @property
     def sample_count(self) -> int:

@@ -64,6 +64,7 @@ LABEL_SMOOTHING = 0.1
 WEIGHT_LR = 1e-3
 STEP_LR = 1e-2
 MAX_GRAD_NORM = 10.0
+MIN_STEP_FRACTION = 0.01  # a learned step never falls below this fraction of its initial value
 PROHIBITIVE = 1e6  # times the largest reliable score
 
 Setting = dict[str, tuple[int | None, int | None]]  # layer -> (weight bits, activation bits); None: float
@@ -232,15 +233,20 @@ class QuantizedCopy:
         for layer, quantizers in self.quantizers.items():
             quantizers.initialize(quantized_weight_parameter(self.model, self.owners[layer]), inputs[layer])
 
-    def trainable_parameter_groups(self) -> list[dict]:
+    def trainable_parameter_groups(self, step_lr: float) -> list[dict]:
         groups = []
         for owner in dict.fromkeys(self.owners.values()):
             weight = quantized_weight_parameter(self.model, owner)
             groups.append({"params": [weight], "lr": WEIGHT_LR * _rms(weight)})
         for quantizers in self.quantizers.values():
             for quantizer in [*quantizers.weight.values(), *quantizers.activation.values()]:
-                groups.append({"params": [quantizer.step], "lr": STEP_LR * quantizer.step.item()})
+                groups.append({"params": [quantizer.step], "lr": step_lr * quantizer.step.item()})
         return groups
+
+    def keep_steps_positive(self) -> None:
+        for quantizers in self.quantizers.values():
+            for quantizer in [*quantizers.weight.values(), *quantizers.activation.values()]:
+                quantizer.keep_positive(MIN_STEP_FRACTION)
 
     def weight_rms(self) -> dict[str, float]:
         return {layer: self.float_weight_rms[self.owners[layer]] for layer in self.quantizers}
@@ -331,7 +337,7 @@ class _Trainer:
         self.float_classes = torch.from_numpy(reference.predictions)
         self.parallel = distributed.data_parallel(quantized.model, world_size)
         self.parameters = [p for p in quantized.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(quantized.trainable_parameter_groups())
+        self.optimizer = torch.optim.Adam(quantized.trainable_parameter_groups(context.step_lr or STEP_LR))
         # Cosine decay to zero: the last steps average out the gradient noise instead of adding to it.
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(total_steps, 1))
         self.features = _InputCapture(_classifier(context, quantized.model)) if regularizer is not None else None
@@ -345,6 +351,7 @@ class _Trainer:
             self._loss(inputs, indices).backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
         self.optimizer.step()
+        self.quantized.keep_steps_positive()
         self.schedule.step()
 
     def _loss(self, inputs: tuple[torch.Tensor, ...], indices: np.ndarray) -> torch.Tensor:

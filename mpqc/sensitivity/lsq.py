@@ -76,6 +76,7 @@ class LsqQuantizer(nn.Module):
         # Activations count the features of one sample in g (as LSQ does), weights the whole tensor.
         self.per_sample = per_sample
         self.step = nn.Parameter(torch.ones(()))
+        self.initial_step = 1.0
 
     @classmethod
     def for_weight(cls, bits: int) -> "LsqQuantizer":
@@ -87,8 +88,18 @@ class LsqQuantizer(nn.Module):
 
     def initialize(self, mean_abs: float) -> None:
         """The LSQ initial step from the tensor's mean absolute value."""
+        self.initial_step = max(2.0 * mean_abs / math.sqrt(self.qmax), 1e-8)
         with torch.no_grad():
-            self.step.fill_(max(2.0 * mean_abs / math.sqrt(self.qmax), 1e-8))
+            self.step.fill_(self.initial_step)
+
+    def keep_positive(self, fraction: float) -> None:
+        """Project the step back to at least `fraction` of its initial value after an optimizer step.
+
+        A large step learning rate can carry a step through zero; a step at or below zero quantizes
+        nothing meaningful, and as an indicator it would read as the cheapest layer of all.
+        """
+        with torch.no_grad():
+            self.step.clamp_(min=fraction * self.initial_step)
 
     def grad_scale(self, x: torch.Tensor) -> float:
         numel = x[0].numel() if self.per_sample and x.dim() > 1 else x.numel()

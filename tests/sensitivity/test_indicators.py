@@ -174,6 +174,25 @@ def test_every_candidate_is_scored_and_four_bits_score_above_eight(mnist, limpq)
     assert result.optimizer_steps == SAMPLES // mnist.batch_size and result.seconds > 0
 
 
+def test_a_step_pushed_through_zero_is_projected_back_positive():
+    quantizer = LsqQuantizer.for_weight(4)
+    quantizer.initialize(0.2)
+    with torch.no_grad():
+        quantizer.step.fill_(-0.05)  # where an oversized learning-rate step could carry it
+    quantizer.keep_positive(0.01)
+    assert quantizer.step.item() == pytest.approx(0.01 * quantizer.initial_step)
+    with torch.no_grad():
+        quantizer.step.fill_(0.3)
+    quantizer.keep_positive(0.01)
+    assert quantizer.step.item() == pytest.approx(0.3)  # a positive step is left alone
+
+
+def test_a_large_step_learning_rate_keeps_every_step_positive(mnist):
+    result = train_indicators(dataclasses.replace(mnist, step_lr=1.0), regularize=False, gmpq=False)
+    steps = [s for table in (result.weight_steps, result.activation_steps) for per_bits in table.values() for s in per_bits.values()]
+    assert min(steps) > 0
+
+
 def test_steps_moved_from_their_initial_values(mnist, limpq):
     result, _ = limpq
     quantized = QuantizedCopy.create(mnist)
