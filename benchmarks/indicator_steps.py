@@ -13,8 +13,13 @@ proxy, seed 0) and reports:
   ONNX Runtime CPU, for the learned steps and for the untrained initial steps (epochs 0).
 
     python benchmarks/indicator_steps.py --model efficientnet-lite0 --epochs 0 3 12
+    python benchmarks/indicator_steps.py --model efficientnet-lite0 --epochs 0 3 --step-lrs 0.01 0.1 0.3 \
+        --seed 1 --out benchmarks/results/indicator_steps_efficientnet-lite0_step-lr_seed1.json
 
-Writes benchmarks/results/indicator_steps_<model>.json. Every number in it is measured by this run.
+--step-lrs trains each epoch count at each step learning rate (relative to the initial step, as
+mpqc.sensitivity.indicators.STEP_LR): larger rates let the steps move further from their initial
+values in the same few optimizer steps. Writes benchmarks/results/indicator_steps_<model>.json
+unless --out says otherwise. Every number in it is measured by this run.
 """
 
 from __future__ import annotations
