@@ -171,9 +171,9 @@ def test_split_k_adds_the_bias_once(device):
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_split_k_gives_the_same_bits_every_run(device, mode):
     """The slices are added in slice order, not in the order they finish: a GPU's scheduling cannot change the result."""
-    args = make_case(1, 300, 2048, mode, 64 if mode == "w4a8" else None, True, 9, device)
+    args = make_case(1, 64, 1024, mode, 64 if mode == "w4a8" else None, True, 9, device)
     first = int4_gemm(**args, split_k=16)
-    for _ in range(3):
+    for _ in range(2):
         assert torch.equal(int4_gemm(**args, split_k=16), first)
 
 
