@@ -60,7 +60,9 @@ LABEL_SMOOTHING = 0.1
 # Adam learning rates relative to what they move: a layer's weights by 0.1% of their RMS per step at
 # most, a step size by 1% of its initial value, so steps can travel within a few dozen steps (a
 # 256-sample proxy at batch 16 is 16 steps an epoch). Smaller step rates agree better across seeds
-# but leave the steps near their initial values, which only describe the weight distribution.
+# but leave the steps near their initial values, which only describe the weight distribution. A 10x
+# rate moved EfficientNet-Lite0's steps 0.06-2.09x in 3 epochs and scattered its policies more
+# across seeds without improving them (benchmarks/indicator_steps.py --step-lrs).
 WEIGHT_LR = 1e-3
 STEP_LR = 1e-2
 MAX_GRAD_NORM = 10.0
