@@ -75,7 +75,8 @@ def _check_front(out, record, resource: str) -> list[dict]:
     for before, after in zip(points, points[1:]):
         assert after["cost"] >= before["cost"] and after["objective"] <= before["objective"]
     for point in points:
-        assert point["cost"] <= point["budget"] * (1 + 1e-6)
+        # Relative slack on |budget|: ms costs are measured against fp32 and can be negative.
+        assert point["cost"] <= point["budget"] + 1e-6 * abs(point["budget"])
         assert sum(point["counts"].values()) == len(point["assignments"]) == 4
     # The build lowered the front's middle point, and the JSON says which.
     assert record["search"]["pareto"]["built_point"] == front["built_point"] == (len(points) - 1) // 2
