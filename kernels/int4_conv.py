@@ -10,9 +10,9 @@ N axis the output channels of one group, and each K tile gathers its (c, kh, kw)
 straight from the input, reading zeros for padding. Any input strides work, so NCHW and NHWC
 (channels-last) are the same kernel. Where the output tiles leave most SMs idle (the 7x7 and
 14x14 pointwise convs of EfficientNet-Lite0 at batch 1: 49 or 196 pixels, K up to 1152) K is split
-as in the GEMM (kernels.split_k), in the same launch. A depthwise convolution (one input and one output channel
-per group) has nothing to reduce across channels, so it gets a direct kernel instead of a GEMM
-with 15/16 of every tile wasted.
+as in the GEMM (kernels.split_k), in the same launch. A depthwise convolution (one input and one
+output channel per group) has nothing to reduce across channels, so it gets a direct kernel instead
+of a GEMM with 15/16 of every tile wasted.
 
 Activation modes as in kernels.int4_gemm: W4A16 (float16/float32 input, float32 accumulation) and
 W4A8 (int8 input with a per-tensor scale, exact int32 accumulation; the depthwise kernel sums in
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from kernels.int4_gemm import FLOAT_INPUTS, epilogue, int4_dot, load_int4_tile
 from kernels.int4_layout import packed_length, unpack_int4
-from kernels.split_k import add_up_slices, choose_split_k, k_slices, multiprocessors, split_k_buffers
+from kernels.split_k import add_up_slices, check_split_k, choose_split_k, k_slices, multiprocessors, split_k_buffers
 
 LAYOUTS = ("NCHW", "NHWC")
 DEPTHWISE_BLOCKS = (64, 32)  # (pixels, channels) per program of the depthwise kernel
@@ -163,11 +163,10 @@ def int4_conv2d(
     with `x_scale` (W4A8). The output has the same layout. padding: an int, (pad_h, pad_w), or
     ONNX-style (top, left, bottom, right), as the TensorFlow-"same" stride-2 convs of
     EfficientNet-Lite0 need. out_dtype: defaults to x's dtype for float inputs, float32 for int8.
-    split_k: K slices of the implicit GEMM, summed in the launch; None lets conv_split_k choose.
+    split_k: K slices of the implicit GEMM, summed in the launch; None lets implicit_gemm_plan choose.
     Depthwise convolutions have no K to split and ignore it.
     """
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+    check_split_k(split_k)
     geometry = _geometry(x, packed_weight, weight_scale, weight_shape, bias, x_scale, stride, padding, dilation, groups, layout)
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
     batch, _, height, width = geometry.input_shape
@@ -201,9 +200,7 @@ def int4_conv2d(
     block_m, block_n, block_k, warps, auto_split_k = implicit_gemm_plan(x, pixels, out_channels, groups, kg)
     split_k, k_per_split = k_slices(kg, block_k, split_k or auto_split_k)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(og, block_n), groups * split_k)
-    workspace, counters = y, y  # never read unsplit
-    if split_k > 1:
-        workspace, counters = split_k_buffers(grid[0] * grid[1] * groups, split_k, block_m, block_n, int8_x, x.device)
+    workspace, counters = split_k_buffers(grid[0] * grid[1] * groups, split_k, block_m, block_n, int8_x, y)
     _int4_conv_kernel[grid](
         xv, weight, scale, bias_arg, yv, workspace, counters, pixels, height, width, oh, ow, cg, og, kg, k_per_split, *common,
         KH=kh, KW=kw, INT8_X=int8_x, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.int4_layout import packed_length, unpack_int4
-from kernels.split_k import add_up_slices, choose_split_k, k_slices, multiprocessors, split_k_buffers
+from kernels.split_k import add_up_slices, check_split_k, choose_split_k, k_slices, multiprocessors, split_k_buffers
 
 BLOCK_SIZES = (32, 64, 128)
 FLOAT_INPUTS = (torch.float16, torch.float32)
@@ -150,8 +150,7 @@ def int4_gemm(
     split_k: K slices summed in the launch (kernels.split_k); None lets split_k_config choose.
     """
     n, k = _check_gemm_args(x, packed_weight, weight_scale, bias, x_scale, block_size)
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+    check_split_k(split_k)
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -168,9 +167,7 @@ def int4_gemm(
     int8_x, blockwise = x.dtype == torch.int8, block_size is not None
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    workspace, counters = y, y  # never read unsplit
-    if split_k > 1:
-        workspace, counters = split_k_buffers(grid[0] * grid[1], split_k, block_m, block_n, int8_x and not blockwise, x.device)
+    workspace, counters = split_k_buffers(grid[0] * grid[1], split_k, block_m, block_n, int8_x and not blockwise, y)
     _int4_gemm_kernel[grid](
         x2, weight, scale, bias_arg, y, workspace, counters,
         m, n, k, k_per_split,

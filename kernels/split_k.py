@@ -60,6 +60,12 @@ def add_up_slices(acc, workspace_ptr, counter_ptr, tile, k_slice,
     return total, last
 
 
+def check_split_k(split_k) -> None:
+    """The kernels' split_k argument: None (let them choose) or a positive int."""
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+
+
 def k_slices(k: int, block_k: int, split_k: int) -> tuple[int, int]:
     """(slices, k_per_split): split_k slices of whole BLOCK_K tiles, fewer where some would be empty."""
     tiles = triton.cdiv(k, block_k)
@@ -85,14 +91,18 @@ def choose_split_k(*, tiles: int, block_m: int, block_n: int, block_k: int, k: i
 
 
 def split_k_buffers(tiles: int, split_k: int, block_m: int, block_n: int, int_acc: bool,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, counters) for a split launch: room for every partial, and one zeroed counter per tile.
+                    output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, counters) for a launch writing `output`: room for every partial, and one zeroed
+    counter per tile. Unsplit (split_k 1) the kernel reads neither, and both are `output` itself.
 
     On a GPU the counters are kept per device and stream and reused: every launch leaves them at
     zero, so they are cleared once rather than by an extra launch per call (launches on one stream
     run one after another, so they never share a counter at the same time). Under the interpreter
     they are made afresh, so a kernel stopped halfway (an exception) cannot leave a count behind.
     """
+    if split_k == 1:
+        return output, output
+    device = output.device
     workspace = torch.empty(tiles * split_k * block_m * block_n, dtype=torch.int32 if int_acc else torch.float32, device=device)
     if device.type != "cuda":
         return workspace, torch.zeros(tiles, dtype=torch.int32, device=device)

@@ -38,12 +38,13 @@ def test_add_up_slices_sums_in_slice_order_and_resets_its_counters(device, dtype
     else:
         parts = torch.randint(-2**20, 2**20, shape, generator=gen, dtype=torch.int32)
     parts = parts.to(device)
-    workspace, counters = split_k_buffers(tiles, split_k, block_m, block_n, dtype == torch.int32, torch.device(device))
+    y = torch.empty((tiles, block_m, block_n), dtype=dtype, device=device)
+    workspace, counters = split_k_buffers(tiles, split_k, block_m, block_n, dtype == torch.int32, y)
     expected = parts[:, 0].clone()
     for s in range(1, split_k):
         expected += parts[:, s]
     for _ in range(2):  # the same counters twice: the first launch must leave them at zero
-        y = torch.full((tiles, block_m, block_n), -1, dtype=dtype, device=device)
+        y.fill_(-1)
         _sum_tiles_kernel[(tiles, split_k)](parts, y, workspace, counters, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n)
         assert torch.equal(y, expected)
         assert not counters[:tiles].any()
