@@ -22,9 +22,9 @@ from mpqc.build import BuildOptions, analyze, build, proxy_feeds
 from mpqc.costmodel.profile import profile
 from mpqc.costmodel.table import LatencyTable
 from mpqc.costmodel.validate import validate
+from mpqc.files import write_atomically
 from mpqc.report.plots import validation_scatter
 from mpqc.targets import load_target
-from mpqc.files import write_atomically
 from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

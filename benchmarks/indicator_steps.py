@@ -40,10 +40,10 @@ from transfer import PROXIES, RESULTS, Evaluator, Sweeps  # noqa: E402  (the sam
 
 from mpqc.build import BuildOptions, analyze  # noqa: E402
 from mpqc.examples import load_example  # noqa: E402
+from mpqc.files import write_atomically  # noqa: E402
 from mpqc.search.policy_search import sensitivity_context  # noqa: E402
 from mpqc.sensitivity.indicators import STEP_LR, train_indicators  # noqa: E402
 from mpqc.targets import load_target  # noqa: E402
-from mpqc.files import write_atomically  # noqa: E402
 from mpqc.versions import provenance  # noqa: E402
 
 

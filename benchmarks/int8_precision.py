@@ -23,9 +23,9 @@ from mpqc.backends.ort_runner import OrtRunner, with_exact_int8
 from mpqc.bench.latency import first_batch, measure_latency
 from mpqc.build import BuildOptions, Lowering, analyze
 from mpqc.examples import load_example
+from mpqc.files import write_atomically
 from mpqc.policy import Policy
 from mpqc.targets import load_target
-from mpqc.files import write_atomically
 from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -31,13 +31,13 @@ from mpqc.bench.latency import first_batch, measure_latency
 from mpqc.build import BuildOptions, Lowering, analyze
 from mpqc.costmodel.profile import latency_model
 from mpqc.costmodel.table import LatencyTable
+from mpqc.files import write_atomically
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.search.ilp import bitops_and_size, smallest, solve
 from mpqc.search.policy_search import sensitivity_context
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
-from mpqc.files import write_atomically
 from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

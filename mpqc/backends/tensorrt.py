@@ -399,8 +399,6 @@ def engine_artifacts(model_bytes: bytes, target: Target, policy, layers, batch: 
     return {"model.engine": engine_bytes}, section
 
 
-
-
 def profile_trt(*args, **kwargs):
     """Latency tables for `mpqc profile --target trt-*` (see mpqc.backends.tensorrt_profile)."""
     from mpqc.backends.tensorrt_profile import profile_trt as profile
