@@ -241,13 +241,13 @@ class QuantizedCopy:
             weight = quantized_weight_parameter(self.model, owner)
             groups.append({"params": [weight], "lr": WEIGHT_LR * _rms(weight)})
         for quantizers in self.quantizers.values():
-            for quantizer in [*quantizers.weight.values(), *quantizers.activation.values()]:
+            for quantizer in quantizers.every_quantizer():
                 groups.append({"params": [quantizer.step], "lr": step_lr * quantizer.step.item()})
         return groups
 
     def keep_steps_positive(self) -> None:
         for quantizers in self.quantizers.values():
-            for quantizer in [*quantizers.weight.values(), *quantizers.activation.values()]:
+            for quantizer in quantizers.every_quantizer():
                 quantizer.keep_positive(MIN_STEP_FRACTION)
 
     def weight_rms(self) -> dict[str, float]:

@@ -168,6 +168,10 @@ class LayerQuantizers(nn.Module):
         bits = self.setting[1]
         return x if bits is None else self.activation[str(bits)](x)
 
+    def every_quantizer(self) -> list[LsqQuantizer]:
+        """The layer's weight quantizers, then its activation quantizers."""
+        return [*self.weight.values(), *self.activation.values()]
+
     def steps(self) -> tuple[dict[int, float], dict[int, float]]:
         """(weight bits -> step, activation bits -> step) as plain floats."""
         return ({int(b): q.step.item() for b, q in self.weight.items()},
