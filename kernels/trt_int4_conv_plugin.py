@@ -17,13 +17,14 @@ Interface of the node and the plugin (one input, one output):
   takes the integers themselves, as TensorRT recommends for plugins in explicitly quantized
   networks (Q -> plugin), so no DequantizeLinear runs before it and the kernel's exact int32
   accumulation sees the very integers the Q produced.
-- output 0: FP32 NCHW, (x_scale * weight_scale[o]) * sum(x * w) + bias[o], as DQ + Conv computes.
+- output 0: NCHW, (x_scale * weight_scale[o]) * sum(x * w) + bias[o], as DQ + Conv computes; FP16
+  when the model's float type is FLOAT16 (float16_output = 1), else FP32.
 - attributes, all 1-D arrays or scalars because those are what Python plugins accept:
   weight_shape int32 (O, C/group, KH, KW); packed_weight int8, the ONNX INT4 packing of each output
   channel's row of K = C/group * KH * KW values (kernels.int4_layout; int8 because Python plugins
   take no uint8 arrays, same bytes); weight_scale float32 (O,); bias float32 (O,); strides int32
   (2,); pads int32 (4,) in ONNX order (top, left, bottom, right); dilations int32 (2,); group int;
-  x_scale float, the activation's per-tensor scale.
+  x_scale float, the activation's per-tensor scale; float16_output int, 0 or 1.
 
 Everything but `register()` is plain Python/torch and is tested without TensorRT.
 
@@ -54,6 +55,7 @@ ATTRIBUTES = {
     "dilations": np.int32,
     "group": None,
     "x_scale": None,
+    "float16_output": None,
 }
 
 
@@ -67,9 +69,11 @@ class Int4ConvSpec:
     dilations: tuple[int, int]
     group: int
     x_scale: float
+    float16_output: bool = False  # the output's type: FP16 in a FLOAT16 model, else FP32
 
     @classmethod
-    def from_attributes(cls, weight_shape, strides, pads, dilations, group, x_scale) -> "Int4ConvSpec":
+    def from_attributes(cls, weight_shape, strides, pads, dilations, group, x_scale,
+                        float16_output=0) -> "Int4ConvSpec":
         """From the plugin's (or the ONNX node's) attribute values; raises ValueError on nonsense."""
         weight_shape, strides = _ints(weight_shape, 4, "weight_shape"), _ints(strides, 2, "strides")
         pads, dilations = _ints(pads, 4, "pads"), _ints(dilations, 2, "dilations")
@@ -81,7 +85,11 @@ class Int4ConvSpec:
             raise ValueError(f"Int4Conv: group {group} does not divide the {weight_shape[0]} output channels")
         if not np.isfinite(x_scale) or x_scale <= 0:
             raise ValueError(f"Int4Conv: x_scale must be a positive finite number, got {x_scale}")
-        return cls(weight_shape, strides, pads, dilations, group, x_scale)
+        return cls(weight_shape, strides, pads, dilations, group, x_scale, bool(np.asarray(float16_output).reshape(-1)[0]))
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return torch.float16 if self.float16_output else torch.float32
 
     @property
     def out_channels(self) -> int:
@@ -129,7 +137,7 @@ def output_shape(input_shape, spec: Int4ConvSpec) -> tuple:
 
 def run_int4_conv(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor,
                   spec: Int4ConvSpec, conv=None) -> torch.Tensor:
-    """The plugin's computation on torch tensors: int8 NCHW x -> float32 NCHW.
+    """The plugin's computation on torch tensors: int8 NCHW x -> float32 (or float16) NCHW.
 
     packed_weight: the 1-D int8 (or uint8) attribute; conv: the kernel to call, by default the
     Triton kernel kernels.int4_conv.int4_conv2d; tests pass its torch reference instead.
@@ -142,7 +150,7 @@ def run_int4_conv(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: to
         raise ValueError(f"Int4Conv: input shape {tuple(x.shape)} does not match weight_shape {spec.weight_shape} x group {spec.group}")
     packed = packed_weight.reshape(spec.out_channels, packed_length(spec.reduction))
     return conv(x, packed, weight_scale, spec.weight_shape, bias=bias, x_scale=spec.x_scale, stride=spec.strides,
-                padding=spec.pads, dilation=spec.dilations, groups=spec.group, out_dtype=torch.float32)
+                padding=spec.pads, dilation=spec.dilations, groups=spec.group, out_dtype=spec.output_dtype)
 
 
 # Device copies of the weight attributes, one per (attribute array, device). TensorRT keeps the
@@ -201,10 +209,11 @@ def _define_plugin() -> None:
         dilations: npt.NDArray[np.int32],
         group: int,
         x_scale: float,
+        float16_output: int,
     ) -> trtp.TensorDesc:
-        spec = Int4ConvSpec.from_attributes(weight_shape, strides, pads, dilations, group, x_scale)
+        spec = Int4ConvSpec.from_attributes(weight_shape, strides, pads, dilations, group, x_scale, float16_output)
         shape = output_shape(tuple(x.shape_expr[i] for i in range(4)), spec)
-        return trtp.from_shape_expr(shape, dtype=trt.float32)
+        return trtp.from_shape_expr(shape, dtype=trt.float16 if spec.float16_output else trt.float32)
 
     @trtp.impl(PLUGIN_ID)
     def run_int4_conv_plugin(
@@ -218,10 +227,11 @@ def _define_plugin() -> None:
         dilations: npt.NDArray[np.int32],
         group: int,
         x_scale: float,
+        float16_output: int,
         outputs: Tuple[trtp.Tensor],
         stream: int,
     ) -> None:
-        spec = Int4ConvSpec.from_attributes(weight_shape, strides, pads, dilations, group, x_scale)
+        spec = Int4ConvSpec.from_attributes(weight_shape, strides, pads, dilations, group, x_scale, float16_output)
         # Triton launches on torch's current stream: make it TensorRT's.
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             x_tensor = torch.as_tensor(x, device="cuda")

@@ -51,12 +51,13 @@ def _summary(record: dict, out: pathlib.Path) -> str:
     measured = record.get("measured")
     if record.get("not_measured"):
         lines.append(f"  not measured: {record['not_measured']}")
-    if measured:
+    if measured and "latency_built" in measured:
         fp32, built = measured["latency_fp32"], measured["latency_built"]
         lines.append(
             f"  latency (batch {built['batch']}, {built['threads']} threads, median of {built['runs']}): "
             f"fp32 {fp32['median_ms']:.3f} ms, built {built['median_ms']:.3f} ms ({measured['speedup']:.2f}x)"
         )
+    if measured:
         shown = {k: v for k, v in measured["fidelity"].items() if isinstance(v, float)}
         lines.append("  fidelity vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if "int8_note" in measured:

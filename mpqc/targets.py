@@ -25,6 +25,7 @@ class Target:
     quantize_layer_outputs: bool
     activation_type: str  # "int8" (symmetric, zero point 0) or "uint8" (asymmetric)
     int4_block_size: int
+    float_type: str  # "float32" or "float16": the type of every float tensor of the lowered model
     deploy: dict[str, tuple[str, ...]]  # op type -> precisions with a real kernel
     evaluate: dict[str, tuple[str, ...]]  # op type -> precisions that can be run numerically
     plugins: dict  # e.g. {"int4_conv": True}: kernels mpqc supplies where the runtime has none
@@ -81,6 +82,7 @@ def load_target(name_or_path: str) -> Target:
         quantize_layer_outputs=bool(lowering.get("quantize_layer_outputs", False)),
         activation_type=_activation_type(lowering.get("activation_type", "int8"), path),
         int4_block_size=int(lowering.get("int4_block_size", 64)),
+        float_type=_float_type(lowering.get("float_type", "float32"), path),
         deploy=deploy,
         evaluate=evaluate,
         plugins=dict(data.get("plugins", {})),
@@ -91,4 +93,10 @@ def load_target(name_or_path: str) -> Target:
 def _activation_type(name: str, path: pathlib.Path) -> str:
     if name not in ("int8", "uint8"):
         raise MpqcError(f"target '{path}': activation_type must be int8 or uint8, not '{name}'")
+    return name
+
+
+def _float_type(name: str, path: pathlib.Path) -> str:
+    if name not in ("float32", "float16"):
+        raise MpqcError(f"target '{path}': float_type must be float32 or float16, not '{name}'")
     return name

@@ -73,7 +73,7 @@ def int4_conv_arguments(node: onnx.NodeProto) -> tuple[Int4ConvSpec, np.ndarray,
     arrays = {name: np.array(onnx.numpy_helper.to_array(value)) if isinstance(value, onnx.TensorProto) else value
               for name, value in values.items()}
     spec = Int4ConvSpec.from_attributes(arrays["weight_shape"], arrays["strides"], arrays["pads"], arrays["dilations"],
-                                        arrays["group"], arrays["x_scale"])
+                                        arrays["group"], arrays["x_scale"], arrays.get("float16_output", 0))
     spec.check_weights(arrays["packed_weight"], arrays["weight_scale"], arrays["bias"])
     return spec, arrays["packed_weight"], arrays["weight_scale"], arrays["bias"]
 
@@ -90,7 +90,11 @@ def _int4_conv_node(conv: ir.Node) -> ir.Node:
     x_int8, x_scale = _int8_activation(conv, where)
     out_channels = q_weight.shape[0]
     bias = _bias(conv, out_channels, where)
-    spec = Int4ConvSpec.from_attributes(q_weight.shape, *_conv_attributes(conv, q_weight.shape, x_int8, where), x_scale)
+    output_type = conv.outputs[0].dtype
+    if output_type not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        raise MpqcError(f"{where}: the plugin writes FLOAT or FLOAT16, but the Conv's output is {output_type}")
+    spec = Int4ConvSpec.from_attributes(q_weight.shape, *_conv_attributes(conv, q_weight.shape, x_int8, where), x_scale,
+                                        output_type == ir.DataType.FLOAT16)
     packed = pack_int4(q_weight.reshape(out_channels, -1)).view(np.int8).reshape(-1)
     attributes = {
         "plugin_namespace": PLUGIN_NAMESPACE,
@@ -103,9 +107,10 @@ def _int4_conv_node(conv: ir.Node) -> ir.Node:
         "dilations": ir.tensor(np.array(spec.dilations, np.int32)),
         "group": spec.group,
         "x_scale": spec.x_scale,
+        "float16_output": int(spec.float16_output),
     }
     node = ir.node(PLUGIN_NAME, [x_int8], attributes, domain=DOMAIN, name=conv.name)
-    node.outputs[0].dtype = ir.DataType.FLOAT
+    node.outputs[0].dtype = output_type
     node.outputs[0].shape = conv.outputs[0].shape
     return node
 

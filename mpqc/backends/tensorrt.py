@@ -26,7 +26,12 @@ import numpy as np
 import onnx
 
 from mpqc.backends.int4_conv_plugin_graph import int4_conv_nodes, rewrite_int4_convs
-from mpqc.backends.tensorrt_inspect import compare_with_policy, layer_precisions, precision_report  # noqa: F401 (public API)
+from mpqc.backends.tensorrt_inspect import (  # noqa: F401 (public API)
+    compare_with_policy,
+    engine_float_type,
+    layer_precisions,
+    precision_report,
+)
 from mpqc.errors import MpqcError
 from mpqc.files import write_atomically
 from mpqc.targets import Target
@@ -392,7 +397,7 @@ def engine_artifacts(model_bytes: bytes, target: Target, policy, layers, batch: 
     cache = timing_cache_path(target, tables)
     engine_bytes = build_engine(plugin_model, target, timing_cache_path=cache, batch=batch_range(target, batch))
     engine, _runtime = deserialize(engine_bytes)
-    report = precision_report(layer_precisions(engine), policy, layers)
+    report = precision_report(layer_precisions(engine), policy, layers, engine_float_type(target))
     section = {"engine_built": True, "tensorrt": trt.__version__, "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
                "int4_conv_plugin_layers": rewritten, "timing_cache": str(cache), "batch_range": dataclasses.asdict(batch_range(target, batch)),
                "precisions": report}

@@ -127,16 +127,23 @@ def layer_precisions(engine_or_information) -> dict[str, EngineLayer]:
     return parse_engine_information(engine_or_information)
 
 
-def compare_with_policy(layer_info: Mapping[str, EngineLayer], policy, layers) -> list[LayerPrecision]:
+def compare_with_policy(layer_info: Mapping[str, EngineLayer], policy, layers, float_type: str = "FP32") -> list[LayerPrecision]:
     """Every mpqc layer whose engine layer does not run the precision the policy asked for.
 
     This answers "which layers stayed FP32?": e.g. "layer 'fc' asked for w8a8 but runs FP32".
-    policy: an mpqc Policy or a mapping layer -> precision name; layers: mpqc Layers or names.
+    policy: an mpqc Policy or a mapping layer -> precision name; layers: mpqc Layers or names;
+    float_type: what the policy's float ("fp32") layers run in, the model's float type: "FP32", or
+    "FP16" for a target whose float_type is float16.
     """
-    return [row for row in precision_rows(layer_info, policy, layers) if not row.ok]
+    return [row for row in precision_rows(layer_info, policy, layers, float_type) if not row.ok]
 
 
-def precision_rows(layer_info: Mapping[str, EngineLayer], policy, layers) -> list[LayerPrecision]:
+def engine_float_type(target) -> str:
+    """The engine type a target's float layers run in: "FP16" or "FP32"."""
+    return "FP16" if target.float_type == "float16" else "FP32"
+
+
+def precision_rows(layer_info: Mapping[str, EngineLayer], policy, layers, float_type: str = "FP32") -> list[LayerPrecision]:
     """One LayerPrecision per mpqc layer, in the order of `layers`."""
     asked = dict(policy.as_dict) if hasattr(policy, "as_dict") else dict(policy)
     has_foreign = any(_FOREIGN.match(name.strip()) for name in layer_info)
@@ -149,13 +156,13 @@ def precision_rows(layer_info: Mapping[str, EngineLayer], policy, layers) -> lis
             rows.append(LayerPrecision(name, precision, "not found", (), False,
                                        f"layer '{name}' asked for {precision} but no engine layer names it{where}"))
             continue
-        rows.append(_judge(name, precision, found, layer_info))
+        rows.append(_judge(name, precision, found, layer_info, float_type))
     return rows
 
 
-def precision_report(layer_info: Mapping[str, EngineLayer], policy, layers) -> dict:
+def precision_report(layer_info: Mapping[str, EngineLayer], policy, layers, float_type: str = "FP32") -> dict:
     """The engine's precision per mpqc layer and the findings, for build.json."""
-    rows = precision_rows(layer_info, policy, layers)
+    rows = precision_rows(layer_info, policy, layers, float_type)
     return {
         "layers": {row.layer: {"asked": row.asked, "runs": row.runs, "engine_layers": list(row.engine_layers), "ok": row.ok}
                    for row in rows},
@@ -192,7 +199,8 @@ def attribute_layer_times(times_ms: Mapping[str, float], layer_info: Mapping[str
     return per_layer, unattributed
 
 
-def _judge(name: str, precision: str, found: list[EngineLayer], layer_info: Mapping[str, EngineLayer]) -> LayerPrecision:
+def _judge(name: str, precision: str, found: list[EngineLayer], layer_info: Mapping[str, EngineLayer],
+           float_type: str) -> LayerPrecision:
     layer = found[0]
     engine_layers = tuple(layer.name for layer in found)
     compute = layer.compute_type
@@ -206,7 +214,9 @@ def _judge(name: str, precision: str, found: list[EngineLayer], layer_info: Mapp
     else:
         runs = compute or "unknown"
     expected = {
-        "fp32": lambda: not layer.is_plugin and compute == "FP32",  # FP16 would be a precision the policy did not ask for
+        # Another float type than the model's is a precision nobody asked for (a strongly typed
+        # engine should never pick one).
+        "fp32": lambda: not layer.is_plugin and compute == float_type,
         "w8a8": lambda: not layer.is_plugin and compute == "INT8",
         "w4a8": lambda: layer.is_plugin,
         "w4a16": lambda: runs.endswith("with INT4 weights"),

@@ -20,7 +20,13 @@ def render_report(record: dict) -> str:
         "",
     ]
     measured = record.get("measured")
-    if measured:
+    if record.get("not_measured"):
+        lines += [f"Not measured: {record['not_measured']}", ""]
+    if measured and "latency_built" not in measured:  # a build for another runtime: numerics only
+        lines += ["## Fidelity vs FP32", "", f"Run with {measured['fidelity_runtime']}.", ""]
+        lines += [f"- {key}: {_fmt(value)}" for key, value in measured["fidelity"].items()]
+        lines.append("")
+    elif measured:
         fp32, built = measured["latency_fp32"], measured["latency_built"]
         lines += [
             f"## Latency (batch {built['batch']}, {built['threads']} threads, median of {built['runs']} runs)",

@@ -36,8 +36,21 @@ MIXED_POLICY = {
 def lowered_mnist():
     """(QDQ model bytes, Policy, Analysis, eval images) of mnist-cnn lowered for trt-orin with MIXED_POLICY.
 
-    The same Lowering `mpqc build` runs, without its engine step.
+    The same Lowering `mpqc build` runs, without its engine step. The model is FLOAT16, trt-orin's
+    float type.
     """
+    return _lower_mnist(None)
+
+
+@pytest.fixture(scope="session")
+def lowered_mnist_float32():
+    """lowered_mnist with FLOAT tensors throughout (a TensorRT target whose float_type is float32)."""
+    return _lower_mnist("float32")
+
+
+def _lower_mnist(float_type: str | None):
+    import dataclasses
+
     from mpqc.build import BuildOptions, Lowering, analyze, proxy_feeds
     from mpqc.policy import Policy
     from mpqc.targets import load_target
@@ -45,6 +58,8 @@ def lowered_mnist():
     analysis = analyze("mnist-cnn")
     assert [layer.name for layer in analysis.layers] == list(MIXED_POLICY)
     target = load_target("trt-orin")
+    if float_type is not None:
+        target = dataclasses.replace(target, float_type=float_type)
     options = BuildOptions(model="mnist-cnn", target="trt-orin", measure=False)
     feeds, _ = proxy_feeds(options, analysis.loaded)
     policy = Policy(tuple(MIXED_POLICY.items()), "test:mixed")

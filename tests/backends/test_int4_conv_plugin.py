@@ -71,7 +71,8 @@ def _evaluate_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto, f
         y = run_int4_conv(x, torch.from_numpy(packed), torch.from_numpy(scale), torch.from_numpy(bias), spec,
                           conv=reference_int4_conv2d).numpy()
         expected = tensors[node.output[0]]
-        assert y.shape == expected.shape and y.dtype == np.float32
+        assert y.shape == expected.shape and y.dtype == expected.dtype
+        y, expected = y.astype(np.float64), expected.astype(np.float64)
         results.append((node.name, float(np.abs(y - expected).max()), float(np.abs(expected).max())))
     return results
 
@@ -106,14 +107,18 @@ def test_every_w4a8_conv_of_a_lowered_model_becomes_one_int4conv_node(lowered_mn
                    policy.as_dict[n.name] == "w4a8" for n in rewritten.graph.node)
 
 
-def test_rewritten_nodes_compute_what_onnx_runtime_computes_for_the_original(lowered_mnist):
-    model_bytes, _, _, images = lowered_mnist
+@pytest.mark.parametrize("fixture, tolerance", [("lowered_mnist_float32", 1e-5), ("lowered_mnist", 2e-3)])
+def test_rewritten_nodes_compute_what_onnx_runtime_computes_for_the_original(fixture, tolerance, request):
+    """FLOAT models match to float32 rounding. In a FLOAT16 model ONNX Runtime rounds the dequantized
+    inputs and weights to FLOAT16 before its conv, while the plugin sums the integers exactly and
+    rounds once: a few FLOAT16 ulps (2^-11 relative each) apart."""
+    model_bytes, _, _, images = request.getfixturevalue(fixture)
     original = onnx.ModelProto.FromString(model_bytes)
     rewritten, _ = rewrite_int4_convs(original)
     results = _evaluate_rewritten(original, rewritten, {"image": images})
     assert [name for name, *_ in results] == W4A8_CONVS
     for name, error, magnitude in results:
-        assert error <= 1e-5 * max(1.0, magnitude), (name, error, magnitude)
+        assert error <= tolerance * max(1.0, magnitude), (name, error, magnitude)
 
 
 def _conv_model(x_shape, weight_shape, *, group=1, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),

@@ -11,6 +11,7 @@ its precision report and per-layer profiler times.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -23,6 +24,7 @@ from mpqc.backends.int4_conv_plugin_graph import rewrite_int4_convs
 from mpqc.backends.tensorrt_inspect import (
     attribute_layer_times,
     compare_with_policy,
+    engine_float_type,
     fused_nodes,
     layer_precisions,
     parse_datatype,
@@ -139,6 +141,15 @@ def test_the_policy_comparison_finds_the_layers_that_do_not_run_as_asked():
     assert len(report["findings"]) == 4
 
 
+def test_float_layers_must_run_in_the_models_float_type():
+    layers = layer_precisions(INSPECTOR_JSON)
+    # block2.shortcut.conv asked for fp32 (float) and runs FP16: right for a FLOAT16 model, wrong for a FLOAT one.
+    assert "block2.shortcut.conv" in {f.layer for f in compare_with_policy(layers, MIXED, list(MIXED), "FP32")}
+    assert "block2.shortcut.conv" not in {f.layer for f in compare_with_policy(layers, MIXED, list(MIXED), "FP16")}
+    assert engine_float_type(trt_backend_target()) == "FP16"
+    assert engine_float_type(dataclasses.replace(trt_backend_target(), float_type="float32")) == "FP32"
+
+
 def test_a_w4a8_conv_outside_the_plugin_and_an_unfused_int4_weight_are_findings():
     info = {"Layers": [
         {"Name": "c.input.dq0 + c.weight.dq + c", "LayerType": "CaskConvolution",
@@ -220,7 +231,6 @@ def test_a_batch_range_must_be_ordered():
 
 
 def test_targets_without_the_plugin_keep_their_int4_convs(lowered_mnist):
-    import dataclasses
 
     model_bytes, *_ = lowered_mnist
     no_plugin = dataclasses.replace(trt_backend_target(), plugins={})
@@ -259,7 +269,7 @@ def test_device_buffers_round_trip_through_cuda_python():
 @pytest.mark.gpu
 def test_an_engine_of_the_mixed_mnist_model_runs_like_onnx_runtime_and_reports_its_precisions(lowered_mnist, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: engines are built and run only on a GPU machine with mpqc[tensorrt]")
-    import onnxruntime as ort
+    from mpqc.backends.ort_runner import OrtRunner, numerics_target
 
     model_bytes, policy, analysis, images = lowered_mnist
     target = trt_backend_target()
@@ -269,7 +279,7 @@ def test_an_engine_of_the_mixed_mnist_model_runs_like_onnx_runtime_and_reports_i
     engine = trt_backend.build_engine(plugin_model.SerializeToString(), target, timing_cache_path=cache,
                                       batch=trt_backend.BatchRange(1, 16, 32))
     assert cache.is_file() and cache.stat().st_size > 0
-    reference = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    reference = OrtRunner(model_bytes, numerics_target()).run({"image": images})[0]
     with trt_backend.TensorRTRunner(engine) as runner:
         [logits] = runner.run({"image": images})
         assert logits.shape == reference.shape
@@ -277,13 +287,15 @@ def test_an_engine_of_the_mixed_mnist_model_runs_like_onnx_runtime_and_reports_i
         assert np.abs(logits - reference).max() <= 0.05 * np.abs(reference).max()
         assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.95
         layers = runner.layer_precisions()
-        report = precision_report(layers, policy, analysis.layers)
+        report = precision_report(layers, policy, analysis.layers, engine_float_type(target))
         for name, precision in policy.assignments:
             row = report["layers"][name]
             if precision == "w8a8":
                 assert row["runs"] == "INT8", row
             if precision == "w4a8":
                 assert row["runs"] == "INT4 conv plugin", row
+            if precision == "fp32":  # the model is FLOAT16: its float layers run FP16
+                assert row["runs"] == "FP16", row
         times = runner.layer_times({"image": images[:1]}, runs=5)
         assert times and all(ms >= 0 for ms in times.values())
         per_layer, _ = attribute_layer_times(times, layers, [layer.name for layer in analysis.layers])

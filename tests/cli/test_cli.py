@@ -133,7 +133,14 @@ def test_tensorrt_targets_are_checked_against_tensorrt_rules_and_not_timed(tmp_p
 
     trt = str(find_target_file("trt-a100"))
     record = _run_json(capsys, "build", "mnist-cnn", "--target", trt, "--out", str(tmp_path / "a"))["build"]
-    assert "measured" not in record and "tensorrt" in record["not_measured"]
+    # Fidelity is the QDQ model's numerics, run by ONNX Runtime; latency needs the engine.
+    assert "latency_built" not in record["measured"] and "tensorrt" in record["not_measured"]
+    assert record["measured"]["fidelity"]["accuracy_drop"] <= 0.01
+    assert "Fidelity vs FP32" in (tmp_path / "a" / "report.md").read_text()
+    # trt-a100's float type is float16: every float initializer of the model is FLOAT16.
+    model = onnx.load(tmp_path / "a" / "model.qdq.onnx")
+    floats = {init.data_type for init in model.graph.initializer} - {onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.INT64}
+    assert floats == {onnx.TensorProto.FLOAT16}
     # Per-channel INT4 on a Gemm is an ONNX Runtime study format, not a TensorRT one: refused.
     assert main(["build", "mnist-cnn", "--target", trt, "--policy", "uniform:w4a8", "--evaluate-only", "--out", str(tmp_path / "b")]) == 2
     assert "breaks 1 TensorRT rule" in capsys.readouterr().err
