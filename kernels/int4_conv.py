@@ -337,8 +337,12 @@ def reference_int4_conv2d(
     groups: int = 1,
     layout: str = "NCHW",
     out_dtype: torch.dtype | None = None,
+    absolute: bool = False,
 ) -> torch.Tensor:
-    """int4_conv2d in plain torch: unpack, dequantize, F.conv2d in float64, then cast."""
+    """int4_conv2d in plain torch: unpack, dequantize, F.conv2d in float64, then cast.
+
+    absolute: sum |x| |w| + |bias| instead, in float64 (as reference_int4_gemm's).
+    """
     geometry = _geometry(x, packed_weight, weight_scale, weight_shape, bias, x_scale, stride, padding, dilation, groups, layout)
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
     out_channels, cg, kh, kw = weight_shape
@@ -347,8 +351,10 @@ def reference_int4_conv2d(
     xf = _as_nchw(x, layout).to(torch.float64) * (x_scale if x_scale is not None else 1.0)
     top, left, bottom, right = geometry.pads
     xf = torch.nn.functional.pad(xf, (left, right, top, bottom))
-    y = torch.nn.functional.conv2d(xf, weight, bias.to(torch.float64) if bias is not None else None,
-                                   stride=geometry.stride, dilation=geometry.dilation, groups=groups)
+    bias = bias.to(torch.float64) if bias is not None else None
+    if absolute:
+        xf, weight, bias = xf.abs(), weight.abs(), (bias.abs() if bias is not None else None)
+    y = torch.nn.functional.conv2d(xf, weight, bias, stride=geometry.stride, dilation=geometry.dilation, groups=groups)
     if layout == "NHWC":
         y = y.permute(0, 2, 3, 1)
-    return y.to(out_dtype).contiguous()
+    return (y if absolute else y.to(out_dtype)).contiguous()

@@ -256,13 +256,21 @@ def reference_int4_gemm(
     x_scale: float | None = None,
     block_size: int | None = None,
     out_dtype: torch.dtype | None = None,
+    absolute: bool = False,
 ) -> torch.Tensor:
-    """int4_gemm in plain torch: unpack, dequantize and multiply in float64, then cast."""
+    """int4_gemm in plain torch: unpack, dequantize and multiply in float64, then cast.
+
+    absolute: sum |x| |w| + |bias| instead, in float64: the size of the terms each output adds up,
+    which bounds the rounding error of any float summation of them.
+    """
     _check_gemm_args(x, packed_weight, weight_scale, bias, x_scale, block_size)
     out_dtype = out_dtype or (torch.float32 if x.dtype == torch.int8 else x.dtype)
     weight = dequantize_weight(packed_weight, weight_scale, x.shape[-1], block_size)
     xf = x.to(torch.float64) * (x_scale if x_scale is not None else 1.0)
+    bias = bias.to(torch.float64) if bias is not None else None
+    if absolute:
+        xf, weight, bias = xf.abs(), weight.abs(), (bias.abs() if bias is not None else None)
     y = xf @ weight.T
     if bias is not None:
-        y = y + bias.to(torch.float64)
-    return y.to(out_dtype)
+        y = y + bias
+    return y if absolute else y.to(out_dtype)

@@ -13,9 +13,10 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 from kernels.int4_gemm import gemm_config, int4_gemm, reference_int4_gemm, split_k_config  # noqa: E402
 from kernels.int4_layout import pack_int4  # noqa: E402
 
-# Normwise relative error allowed per activation mode. fp32 and int8 inputs accumulate exactly
-# or in fp32 (~1e-7); an fp16 output is rounded to 11 significant bits (4.9e-4).
-MODES = {"w4a16-fp32": 1e-5, "w4a16-fp16": 1e-3, "w4a8": 1e-5}
+# Error allowed per activation mode, as a fraction of sum |x| |w| + |bias| per output. int8 inputs
+# sum exactly and fp32 ones in fp32: ~1e-7 seen, and 4e-6 is 67 roundings (2^-24 each) deep, the
+# worst case of the tile-by-tile sums here. An fp16 output is rounded to 11 significant bits (4.9e-4).
+MODES = {"w4a16-fp32": 4e-6, "w4a16-fp16": 1e-3, "w4a8": 4e-6}
 
 
 def make_case(m, n, k, mode, block, with_bias, seed, device):
@@ -38,8 +39,7 @@ def label(mode, block, device, split=False):
     return f"gemm {'split-K ' if split else ''}{mode} {'per-channel' if block is None else f'block {block}'} [{device}]"
 
 
-# The same examples every run: a float sum that cancels to ~1/1000 of its terms (m = n = 1,
-# found once) exceeds the normwise bound by rounding alone, and CI must not depend on luck.
+# The same examples every run: CI must not depend on which examples hypothesis happens to draw.
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(
     m=st.integers(1, 40),
@@ -54,9 +54,8 @@ def label(mode, block, device, split=False):
 def test_matches_reference(device, check_close, m, n, k, mode, block, with_bias, split_k, seed):
     """split_k None is the automatic choice (K whole at these sizes); forced counts may exceed K's tiles."""
     args = make_case(m, n, k, mode, block, with_bias, seed, device)
-    expected = reference_int4_gemm(**args)
     actual = int4_gemm(**args, split_k=split_k)
-    check_close(label(mode, block, device, split=split_k is not None), actual, expected, MODES[mode])
+    check_close(label(mode, block, device, split=split_k is not None), actual, reference_int4_gemm, MODES[mode], **args)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -64,7 +63,7 @@ def test_matches_reference(device, check_close, m, n, k, mode, block, with_bias,
 def test_every_mode_and_granularity(device, check_close, mode, block):
     """Each combination at least once, with K spanning several scale blocks and an odd tail."""
     args = make_case(19, 40, 2 * 128 + 37, mode, block, True, 7, device)
-    check_close(label(mode, block, device), int4_gemm(**args), reference_int4_gemm(**args), MODES[mode])
+    check_close(label(mode, block, device), int4_gemm(**args), reference_int4_gemm, MODES[mode], **args)
 
 
 def test_hand_computed(device):
@@ -87,10 +86,10 @@ def test_leading_dims_and_strides(device, check_close):
     x3 = args["x"].reshape(2, 5, 96)
     y = int4_gemm(**(args | {"x": x3}))
     assert y.shape == (2, 5, 24)
-    check_close(label("w4a16-fp32", 32, device), y, reference_int4_gemm(**(args | {"x": x3})), MODES["w4a16-fp32"])
+    check_close(label("w4a16-fp32", 32, device), y, reference_int4_gemm, MODES["w4a16-fp32"], **(args | {"x": x3}))
     xt = args["x"].T.contiguous().T  # same values, column-major storage
     assert not xt.is_contiguous()
-    check_close(label("w4a16-fp32", 32, device), int4_gemm(**(args | {"x": xt})), reference_int4_gemm(**args), MODES["w4a16-fp32"])
+    check_close(label("w4a16-fp32", 32, device), int4_gemm(**(args | {"x": xt})), reference_int4_gemm, MODES["w4a16-fp32"], **args)
 
 
 def test_out_dtype(device):
@@ -154,10 +153,10 @@ def test_compiles_for_gpus_without_one(compile_for_gpu):
 def test_split_k_every_mode_and_granularity(device, check_close, mode, block):
     """Batch-1 GEMV with K over several scale blocks and an odd tail, split in 3, and fp16 output from fp32 sums."""
     args = make_case(1, 40, 4 * 128 + 37, mode, block, True, 11, device)
-    expected = reference_int4_gemm(**args)
-    check_close(label(mode, block, device, split=True), int4_gemm(**args, split_k=3), expected, MODES[mode])
+    check_close(label(mode, block, device, split=True), int4_gemm(**args, split_k=3), reference_int4_gemm, MODES[mode], **args)
     y16 = int4_gemm(**args, split_k=3, out_dtype=torch.float16)
-    check_close(label(f"{mode}>fp16", block, device, split=True), y16, reference_int4_gemm(**args, out_dtype=torch.float16), MODES["w4a16-fp16"])
+    check_close(label(f"{mode}>fp16", block, device, split=True), y16, reference_int4_gemm, MODES["w4a16-fp16"],
+                **args, out_dtype=torch.float16)
 
 
 def test_split_k_adds_the_bias_once(device):
