@@ -21,16 +21,17 @@ from mpqc.versions import machine, versions
 
 def fingerprint(target: Target) -> dict:
     """What a measurement depends on besides the layer: CPU and its INT8 features, cores, threads,
-    runtime version; for TensorRT targets the GPU, its compute capability, the TensorRT version and
-    the builder optimization level."""
+    runtime version; for TensorRT targets the GPU, its compute capability, the TensorRT version,
+    the builder optimization level and the float type the unquantized layers run in."""
     if target.backend == "tensorrt":
         # Imported here: only TensorRT targets need TensorRT and a GPU to say where they run.
         from mpqc.backends.tensorrt import device_fingerprint
 
         return {"target": target.name, **device_fingerprint(),
-                "builder_optimization_level": int(target.runtime.get("builder_optimization_level", 3))}
+                "builder_optimization_level": int(target.runtime.get("builder_optimization_level", 3)),
+                "float_type": target.float_type}
     info = machine()
-    return {
+    print_ = {
         "target": target.name,
         "cpu": info["cpu"],
         "cores": info["cores"],
@@ -39,6 +40,8 @@ def fingerprint(target: Target) -> dict:
         "intra_op_num_threads": int(target.runtime.get("intra_op_num_threads", 0)),
         "runtime": "onnxruntime " + versions()["onnxruntime"],
     }
+    # Only a FLOAT16 lowering says so: the FLOAT tables measured before float_type existed stay valid.
+    return print_ | ({"float_type": target.float_type} if target.float_type != "float32" else {})
 
 
 def fingerprint_id(print_: dict) -> str:

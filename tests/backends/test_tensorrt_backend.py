@@ -381,7 +381,10 @@ def test_tensorrt_latency_tables_are_kept_per_gpu_and_another_gpus_table_is_refu
     gpu = {"gpu": "GPU A", "compute_capability": "8.7", "runtime": "tensorrt 0.0"}
     monkeypatch.setattr(trt_backend, "device_fingerprint", lambda: gpu)
     first = LatencyTable.for_target(target, tmp_path)
-    assert first.fingerprint == {"target": "trt-orin", **gpu, "builder_optimization_level": 3}
+    assert first.fingerprint == {"target": "trt-orin", **gpu, "builder_optimization_level": 3, "float_type": "float16"}
+    # Float layers timed in FP32 are not the FP16 ones: a float32 lowering keeps a table of its own.
+    as_float32 = LatencyTable.for_target(dataclasses.replace(target, float_type="float32"), tmp_path)
+    assert as_float32.path != first.path
     first.save()
     gpu = {**gpu, "gpu": "GPU B"}
     second = LatencyTable.for_target(target, tmp_path)
