@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -120,6 +121,34 @@ def cmd_inspect(args) -> dict:
     for group in analysis.ties:
         lines.append(f"  tied: {', '.join(group)}")
     return {"model": args.model, "target": target.name, "layers": rows, "ties": [list(g) for g in analysis.ties], "_text": "\n".join(lines)}
+
+
+def cmd_check(args) -> dict:
+    """TensorRT's explicit-quantization rules on any QDQ model, without TensorRT: exit 1 on a violation."""
+    import onnx
+
+    from mpqc.backends.tensorrt_rules import check_tensorrt_conformance
+    from mpqc.frontend.onnx_file import read_onnx_file
+    from mpqc.targets import load_target
+
+    target = load_target(args.target)
+    if target.backend != "tensorrt":
+        raise MpqcError(f"target '{target.name}' runs on {target.backend}; check takes a TensorRT target (trt-a100, trt-orin)")
+    model = read_onnx_file(args.model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise MpqcError(f"'{args.model}' is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+    plugin = bool(target.plugins.get("int4_conv", False))
+    violations = check_tensorrt_conformance(model, int4_conv_plugin=plugin)
+    if violations:
+        text = [f"{args.model} breaks {len(violations)} TensorRT rule(s) for target {target.name}:"]
+        text += [f"  {violation}" for violation in violations]
+    else:
+        text = [f"{args.model} follows TensorRT's explicit-quantization rules for target {target.name}"]
+    return {"model": args.model, "target": target.name, "int4_conv_plugin": plugin,
+            "violations": [dataclasses.asdict(v) for v in violations], "_text": "\n".join(text),
+            "_exit": 1 if violations else 0}
 
 
 def _costmodel_inputs(args):
@@ -290,6 +319,11 @@ def make_parser() -> argparse.ArgumentParser:
     profile.add_argument("--fit-policies", type=int, default=12, help="random policies measured to fit boundary terms")
     profile.set_defaults(handler=cmd_profile)
 
+    check = sub.add_parser("check", help="check a QDQ model against TensorRT's explicit-quantization rules (no TensorRT needed)")
+    check.add_argument("model", help="model .onnx")
+    check.add_argument("--target", default="trt-a100", help="a TensorRT target: its INT4 conv plugin makes INT4 Conv weights legal")
+    check.set_defaults(handler=cmd_check)
+
     costmodel = sub.add_parser("costmodel", help="cost-model tools").add_subparsers(dest="costmodel_command", required=True)
     validate = costmodel.add_parser("validate", help="predicted vs measured latency over random policies")
     _add_costmodel_arguments(validate)
@@ -299,7 +333,7 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", required=True, help="folder for validation.json and validation.png")
     validate.set_defaults(handler=cmd_validate)
 
-    for command in (build, export, bench, inspect, profile, validate):
+    for command in (build, export, bench, inspect, check, profile, validate):
         command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -313,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": str(exc)}))
         print(f"mpqc: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    text = result.pop("_text")
+    text, status = result.pop("_text"), result.pop("_exit", 0)
     print(json.dumps(result, indent=None if args.json else 2) if args.json else text)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -13,14 +13,18 @@ MIN_OPSET = 21  # INT4 Q/DQ and block-wise DequantizeLinear need opset 21
 
 
 def load_onnx_file(path: str | pathlib.Path) -> onnx.ModelProto:
+    return prepare(read_onnx_file(path), str(path))
+
+
+def read_onnx_file(path: str | pathlib.Path) -> onnx.ModelProto:
+    """The model exactly as the file holds it (no upgrade, no shape inference)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise MpqcError(f"model file '{path}' does not exist")
     try:
-        model = onnx.load(str(path))
+        return onnx.load(str(path))
     except Exception:  # protobuf raises DecodeError and friends on a damaged file
         raise MpqcError(f"'{path}' is not a readable ONNX model (corrupt or not ONNX); re-export it") from None
-    return prepare(model, str(path))
 
 
 def prepare(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:

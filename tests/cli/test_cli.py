@@ -145,3 +145,47 @@ def test_tensorrt_targets_are_checked_against_tensorrt_rules_and_not_timed(tmp_p
     assert main(["build", "mnist-cnn", "--target", trt, "--policy", "uniform:w4a8", "--evaluate-only", "--out", str(tmp_path / "b")]) == 2
     assert "breaks 1 TensorRT rule" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_check_lints_any_qdq_model_against_tensorrts_rules(tmp_path, capsys):
+    """`mpqc check` on a model from elsewhere: exit 0 when it follows the rules, 1 with every violation
+    named when it does not, 2 for what is not a model or not a TensorRT target."""
+    model = onnx.load(_tiny_qdq_model(tmp_path))
+    good = tmp_path / "good.onnx"
+    onnx.save(model, good)
+    assert main(["check", str(good), "--target", "trt-orin"]) == 0
+    assert "follows TensorRT's explicit-quantization rules for target trt-orin" in capsys.readouterr().out
+
+    zero = next(i for i in model.graph.initializer if i.name == "x.zero")
+    zero.CopyFrom(onnx.numpy_helper.from_array(np.array(3, np.int8), "x.zero"))  # asymmetric: TensorRT refuses it
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    assert main(["check", str(bad), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["target"] == "trt-a100" and {v["rule"] for v in result["violations"]} == {"zero-point"}
+    assert len(result["violations"]) == 2  # the Q and the DQ that share it
+
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    assert main(["check", str(tmp_path / "junk.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("mpqc: error: ")
+    assert main(["check", str(good), "--target", "ort-cpu"]) == 2
+    assert "check takes a TensorRT target" in capsys.readouterr().err
+
+
+def _tiny_qdq_model(tmp_path) -> str:
+    """x -> Q -> DQ -> Conv <- DQ(INT8 per-channel weight): symmetric, as TensorRT wants it."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "x.scale"), numpy_helper.from_array(np.array(0, np.int8), "x.zero"),
+             numpy_helper.from_array(rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8), "w.q"),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "w.scale"), numpy_helper.from_array(np.zeros(4, np.int8), "w.zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x.scale", "x.zero"], ["x.q"], name="conv.input.q"),
+             helper.make_node("DequantizeLinear", ["x.q", "x.scale", "x.zero"], ["x.dq"], name="conv.input.dq0"),
+             helper.make_node("DequantizeLinear", ["w.q", "w.scale", "w.zero"], ["w.dq"], axis=0, name="conv.weight.dq"),
+             helper.make_node("Conv", ["x.dq", "w.dq"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    path = tmp_path / "template.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    return str(path)
