@@ -251,7 +251,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         extra_files = extra_files | _tensorrt_engine(model_bytes, target, policy, analysis, options, record)
     if options.measure and target.backend != "onnxruntime":
         runners = (OrtRunner(float_model.SerializeToString(), numerics_target()), OrtRunner(model_bytes, numerics_target()))
-        record["measured"] = {"fidelity": _fidelity(*runners, analysis.loaded, feeds, timings)[0],
+        record["measured"] = {"fidelity": fidelity_against_float(*runners, analysis.loaded, feeds, timings)[0],
                               "fidelity_runtime": "ONNX Runtime CPU (exact INT8 kernels), running the QDQ model's numerics"}
         record["not_measured"] = (f"latency: target '{target.name}' runs on {target.backend}; "
                                   "mpqc times ONNX Runtime targets only (time the engine with `mpqc profile` on the device)")
@@ -346,7 +346,7 @@ def _layer_rows(analysis: Analysis, policy: Policy, target: Target) -> list[dict
 
 def _measure(options, loaded, target, float_model, model_bytes, feeds, timings) -> dict:
     float_runner, built_runner = OrtRunner(float_model.SerializeToString(), target), OrtRunner(model_bytes, target)
-    fidelity, timing_feeds = _fidelity(float_runner, built_runner, loaded, feeds, timings)
+    fidelity, timing_feeds = fidelity_against_float(float_runner, built_runner, loaded, feeds, timings)
     clock = time.perf_counter()
     batch = first_batch(timing_feeds, options.batch)
     fp32 = measure_latency(float_runner, batch, options.warmup, options.runs)
@@ -360,8 +360,10 @@ def _measure(options, loaded, target, float_model, model_bytes, feeds, timings) 
     }
 
 
-def _fidelity(float_runner, built_runner, loaded, feeds, timings) -> tuple[dict, dict[str, np.ndarray]]:
-    """Agreement of the built model with the float one, and the feeds it was measured on."""
+def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings) -> tuple[dict, dict[str, np.ndarray]]:
+    """Agreement of the built model with the float one, and the feeds it was measured on: the
+    example's held-out set where the model is a bundled example, else the proxy set. `timings`
+    gets fidelity_s."""
     clock = time.perf_counter()
     if loaded.example is not None:
         eval_feeds, labels = loaded.example.eval_feeds()
