@@ -22,11 +22,7 @@ def render_report(record: dict) -> str:
     measured = record.get("measured")
     if record.get("not_measured"):
         lines += [f"Not measured: {record['not_measured']}", ""]
-    if measured and "latency_built" not in measured:  # a build for another runtime: numerics only
-        lines += ["## Fidelity vs FP32", "", f"Run with {measured['fidelity_runtime']}.", ""]
-        lines += [f"- {key}: {_fmt(value)}" for key, value in measured["fidelity"].items()]
-        lines.append("")
-    elif measured:
+    if measured and "latency_built" in measured:  # absent for a build for another runtime: numerics only
         fp32, built = measured["latency_fp32"], measured["latency_built"]
         lines += [
             f"## Latency (batch {built['batch']}, {built['threads']} threads, median of {built['runs']} runs)",
@@ -38,7 +34,11 @@ def render_report(record: dict) -> str:
             lines.append(
                 f"| {name} | {stats['median_ms']:.3f} | {stats['p90_ms']:.3f} | {stats['p99_ms']:.3f} | {stats['throughput_per_s']:.1f} |"
             )
-        lines += ["", f"Speed-up of the built model: {measured['speedup']:.2f}x", "", "## Fidelity vs FP32", ""]
+        lines += ["", f"Speed-up of the built model: {measured['speedup']:.2f}x", ""]
+    if measured:
+        lines += ["## Fidelity vs FP32", ""]
+        if "fidelity_runtime" in measured:
+            lines += [f"Run with {measured['fidelity_runtime']}.", ""]
         lines += [f"- {key}: {_fmt(value)}" for key, value in measured["fidelity"].items()]
         lines.append("")
     lines += ["## Layers", "", "| layer | op | torch module | precision | signature |", "|---|---|---|---|---|"]
