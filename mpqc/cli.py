@@ -125,20 +125,15 @@ def cmd_inspect(args) -> dict:
 
 def cmd_check(args) -> dict:
     """TensorRT's explicit-quantization rules on any QDQ model, without TensorRT: exit 1 on a violation."""
-    import onnx
-
     from mpqc.backends.tensorrt_rules import check_tensorrt_conformance
-    from mpqc.frontend.onnx_file import read_onnx_file
+    from mpqc.frontend.onnx_file import check_valid, read_onnx_file
     from mpqc.targets import load_target
 
     target = load_target(args.target)
     if target.backend != "tensorrt":
         raise MpqcError(f"target '{target.name}' runs on {target.backend}; check takes a TensorRT target (trt-a100, trt-orin)")
     model = read_onnx_file(args.model)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise MpqcError(f"'{args.model}' is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+    check_valid(model, args.model)
     plugin = bool(target.plugins.get("int4_conv", False))
     violations = check_tensorrt_conformance(model, int4_conv_plugin=plugin)
     if violations:

@@ -29,11 +29,7 @@ def read_onnx_file(path: str | pathlib.Path) -> onnx.ModelProto:
 
 def prepare(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Validate, upgrade to opset >= 21 and run shape inference."""
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise MpqcError(f"'{origin}' is not a valid ONNX model: {first}") from None
+    check_valid(model, origin)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         try:
@@ -45,3 +41,12 @@ def prepare(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0]
         raise MpqcError(f"shape inference failed on '{origin}': {first}") from None
+
+
+def check_valid(model: onnx.ModelProto, origin: str) -> None:
+    """The ONNX checker's verdict as one MpqcError line."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise MpqcError(f"'{origin}' is not a valid ONNX model: {first}") from None
