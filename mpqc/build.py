@@ -250,7 +250,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> dict:
         _check_tensorrt(built_model_proto(model_bytes), target)
         extra_files = extra_files | _tensorrt_engine(model_bytes, target, policy, analysis, options, record)
     if options.measure and target.backend != "onnxruntime":
-        runners = (OrtRunner(float_model.SerializeToString(), numerics_target()), OrtRunner(model_bytes, numerics_target()))
+        evaluation = numerics_target()
+        runners = (OrtRunner(float_model.SerializeToString(), evaluation), OrtRunner(model_bytes, evaluation))
         record["measured"] = {"fidelity": fidelity_against_float(*runners, analysis.loaded, feeds, timings)[0],
                               "fidelity_runtime": "ONNX Runtime CPU (exact INT8 kernels), running the QDQ model's numerics"}
         record["not_measured"] = (f"latency: target '{target.name}' runs on {target.backend}; "
