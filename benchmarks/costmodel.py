@@ -18,10 +18,13 @@ import sys
 import time
 
 from mpqc.bench.latency import first_batch
-from mpqc.build import BuildOptions, analyze, build, proxy_feeds
-from mpqc.costmodel.profile import profile
+from mpqc.data.proxy import proxy_feeds
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.build import build
+from mpqc.pipeline.options import BuildOptions
+from mpqc.pipeline.profile import profile
 from mpqc.costmodel.table import LatencyTable
-from mpqc.costmodel.validate import validate
+from mpqc.pipeline.validate import validate
 from mpqc.files import write_atomically
 from mpqc.report.plots import validation_scatter
 from mpqc.targets import load_target
@@ -34,18 +37,18 @@ def run(model: str, policies: int, batch: int = 1) -> dict:
     target = load_target("ort-cpu")
     analysis = analyze(model)
     options = BuildOptions(model=model)
-    calibration, _ = proxy_feeds(options, analysis.loaded)
+    calibration, _ = proxy_feeds(options.proxy_source(), analysis.loaded)
     timing = first_batch(analysis.loaded.example.eval_feeds()[0], batch)
     feeds = {"calibration": calibration, "timing": timing}
 
     clock = time.perf_counter()
-    first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options, force=True, progress=False)
+    first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, force=True, progress=False)
     first_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    again = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options, progress=False)
+    again = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, progress=False)
     again_s = time.perf_counter() - clock
 
-    result = validate(analysis, target, LatencyTable.for_target(target), calibration, timing, batch, options, policies=policies)
+    result = validate(analysis, target, LatencyTable.for_target(target), calibration, timing, batch, options.calibration_settings(), policies=policies)
     result["budget_builds"] = budget_builds(model, result, batch)
     result["profiling"] = {
         "first_run_s": first_s, "first_run_layers": first["layers"],
@@ -65,7 +68,7 @@ def budget_builds(model: str, result: dict, batch: int) -> list[dict]:
     builds = []
     for fraction in (0.25, 0.5, 0.75):
         budget = fastest + fraction * (slowest - fastest)
-        record = build(BuildOptions(model=model, policy="search", budget_ms=budget, batch=batch, runs=100, warmup=20), None)
+        record = build(BuildOptions(model=model, policy="search", budget_ms=budget, batch=batch, runs=100, warmup=20), None).to_json()
         search, fidelity = record["search"], record["measured"]["fidelity"]
         builds.append({
             "budget_ms": budget,

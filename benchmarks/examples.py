@@ -16,7 +16,8 @@ import sys
 import tempfile
 import time
 
-from mpqc.build import BuildOptions, build
+from mpqc.pipeline.build import build
+from mpqc.pipeline.options import BuildOptions
 from mpqc.files import write_atomically
 from mpqc.versions import provenance
 
@@ -48,7 +49,7 @@ def run_case(model: str, policy: str, runs: int, workdir: pathlib.Path, referenc
     start = time.perf_counter()
     options = BuildOptions(model=model, target="ort-cpu", policy=policy_arg, runs=runs, warmup=20,
                            bias_correction=not policy.endswith("+no-bias-correction"))
-    record = build(options, None)
+    record = build(options, None).to_json()
     measured = record["measured"]
     return {
         "model": model,

@@ -20,13 +20,12 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-# This folder's kernels.py would shadow the `kernels` package that the TensorRT backend imports.
-sys.path[:] = [entry for entry in sys.path if pathlib.Path(entry or ".").resolve() != HERE]
 
-from mpqc.build import BuildOptions, build  # noqa: E402
-from mpqc.files import write_atomically  # noqa: E402
-from mpqc.targets import find_target_file  # noqa: E402
-from mpqc.versions import provenance  # noqa: E402
+from mpqc.pipeline.build import build
+from mpqc.pipeline.options import BuildOptions
+from mpqc.files import write_atomically
+from mpqc.targets import find_target_file
+from mpqc.versions import provenance
 
 RESULTS = HERE / "results"
 TARGET = "trt-a100"
@@ -60,7 +59,7 @@ def main() -> int:
                 row = {"model": model, "policy": policy}
                 for float_type, target in targets.items():
                     start = time.perf_counter()
-                    record = build(BuildOptions(model=model, target=target, policy=policy), None)
+                    record = build(BuildOptions(model=model, target=target, policy=policy), None).to_json()
                     row[float_type] = {"fidelity": record["measured"]["fidelity"], "build_wall_s": time.perf_counter() - start,
                                        "model_sha256": record["artifacts"]["model.qdq.onnx"]}
                 rows.append(row)

@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from mpqc.files import write_atomically
-from mpqc.search.ilp import LatencyModel, smallest, solve
+from mpqc.costmodel.latency import LatencyModel
+from mpqc.search.ilp import smallest, solve
 from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -35,16 +35,16 @@ import numpy as np
 import onnx_ir as ir
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from transfer import PROXIES, RESULTS, Evaluator, Sweeps  # noqa: E402  (the same proxies, budgets and evaluation)
+from transfer import PROXIES, RESULTS, Evaluator, Sweeps  # (the same proxies, budgets and evaluation)
 
-from mpqc.build import BuildOptions, analyze  # noqa: E402
-from mpqc.examples import load_example  # noqa: E402
-from mpqc.files import write_atomically  # noqa: E402
-from mpqc.search.policy_search import sensitivity_context  # noqa: E402
-from mpqc.sensitivity.indicators import STEP_LR, train_indicators  # noqa: E402
-from mpqc.targets import load_target  # noqa: E402
-from mpqc.versions import provenance  # noqa: E402
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.options import BuildOptions
+from mpqc.examples import load_example
+from mpqc.files import write_atomically
+from mpqc.pipeline.search import sensitivity_context
+from mpqc.sensitivity.indicators import STEP_LR, train_indicators
+from mpqc.targets import load_target
+from mpqc.versions import provenance
 
 
 def step_movement(initial: dict, learned: dict) -> dict:

@@ -19,9 +19,10 @@ import pathlib
 
 import numpy as np
 
-from mpqc.backends.ort_runner import OrtRunner, with_exact_int8
+from mpqc.backends.onnxruntime.runner import OrtRunner, with_exact_int8
 from mpqc.bench.latency import first_batch, measure_latency
-from mpqc.build import BuildOptions, Lowering, analyze
+from mpqc.lower.lowering import Lowering
+from mpqc.passes.analysis import analyze
 from mpqc.examples import load_example
 from mpqc.files import write_atomically
 from mpqc.policy import Policy
@@ -51,7 +52,7 @@ def main() -> int:
     results = {}
     for name in args.models:
         example, analysis = load_example(name), analyze(name)
-        lowering = Lowering.prepare(analysis, target, example.proxy_feeds(None), BuildOptions(model=name))
+        lowering = Lowering.prepare(analysis, target, example.proxy_feeds(None))
         feeds, labels = example.eval_feeds()
         float_bytes = lowering.float_model.SerializeToString()
         reference = OrtRunner(float_bytes, target).run_batched(feeds)

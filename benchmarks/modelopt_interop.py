@@ -29,17 +29,18 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-# This folder's kernels.py would shadow the `kernels` package that the TensorRT backend imports.
-sys.path[:] = [entry for entry in sys.path if pathlib.Path(entry or ".").resolve() != HERE]
 
-import onnx  # noqa: E402
-import onnx_ir as ir  # noqa: E402
+import onnx
+import onnx_ir as ir
 
-from mpqc.backends.ort_runner import OrtRunner, numerics_target  # noqa: E402
-from mpqc.backends.tensorrt_rules import check_tensorrt_conformance  # noqa: E402
-from mpqc.build import BuildOptions, analyze, build, fidelity_against_float, proxy_feeds  # noqa: E402
-from mpqc.files import write_atomically  # noqa: E402
-from mpqc.versions import provenance  # noqa: E402
+from mpqc.backends.onnxruntime.runner import OrtRunner, numerics_target
+from mpqc.backends.tensorrt.rules import check_tensorrt_conformance
+from mpqc.data.proxy import proxy_feeds
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.build import build, fidelity_against_float
+from mpqc.pipeline.options import BuildOptions
+from mpqc.files import write_atomically
+from mpqc.versions import provenance
 
 RESULTS = HERE / "results"
 TARGET = "trt-a100"
@@ -73,7 +74,7 @@ def main() -> int:
             float_model = ir.to_proto(analysis.model)  # the FLOAT model mpqc lowers, BatchNorm folded
             float_path = pathlib.Path(tmp) / f"{model}.onnx"
             onnx.save(float_model, float_path)
-            feeds, origin = proxy_feeds(BuildOptions(model=model, target=TARGET), analysis.loaded)
+            feeds, origin = proxy_feeds(BuildOptions(model=model, target=TARGET).proxy_source(), analysis.loaded)
             float_runner = OrtRunner(float_model.SerializeToString(), numerics_target())
             for mode, (settings, policy) in MODES.items():
                 start = time.perf_counter()
@@ -87,7 +88,7 @@ def main() -> int:
                 violations = check_tensorrt_conformance(theirs, int4_conv_plugin=False)
                 runner = OrtRunner(theirs.SerializeToString(), numerics_target())
                 fidelity, _ = fidelity_against_float(float_runner, runner, analysis.loaded, feeds, {})
-                ours = build(BuildOptions(model=model, target=TARGET, policy=policy), None)
+                ours = build(BuildOptions(model=model, target=TARGET, policy=policy), None).to_json()
                 rows.append({
                     "model": model, "mode": mode, "modelopt_settings": settings, "mpqc_policy": policy,
                     "modelopt": {

@@ -26,16 +26,19 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from mpqc.backends.ort_runner import OrtRunner
+from mpqc.backends.onnxruntime.runner import OrtRunner
 from mpqc.bench.latency import first_batch, measure_latency
-from mpqc.build import BuildOptions, Lowering, analyze
-from mpqc.costmodel.profile import latency_model
+from mpqc.lower.lowering import Lowering
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.options import BuildOptions
+from mpqc.costmodel.fit import latency_model
 from mpqc.costmodel.table import LatencyTable
 from mpqc.files import write_atomically
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
-from mpqc.search.ilp import bitops_and_size, smallest, solve
-from mpqc.search.policy_search import sensitivity_context
+from mpqc.costmodel.latency import bitops_and_size
+from mpqc.search.ilp import smallest, solve
+from mpqc.pipeline.search import sensitivity_context
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
 from mpqc.versions import provenance
@@ -95,8 +98,7 @@ class Evaluator:
     """Lowers a policy after one shared calibration, scores it on the held-out set and times it."""
 
     def __init__(self, analysis, target, example, runs: int):
-        options = BuildOptions(model=analysis.loaded.spec, evaluate_only=True)
-        self.lowering = Lowering.prepare(analysis, target, example.proxy_feeds(None), options)
+        self.lowering = Lowering.prepare(analysis, target, example.proxy_feeds(None))
         self.target, self.example, self.runs = target, example, runs
         self.eval_feeds, self.labels = example.eval_feeds()
         self.reference = OrtRunner(self.lowering.float_model.SerializeToString(), target).run_batched(self.eval_feeds)

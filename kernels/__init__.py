@@ -7,6 +7,6 @@ interpreter (TRITON_INTERPRET=1, set before triton is imported), which is how th
 checks them on machines without a GPU.
 """
 
-from kernels.int4_layout import INT4_MAX, INT4_MIN, pack_int4, packed_length, unpack_int4
+from mpqc_kernels.int4_layout import INT4_MAX, INT4_MIN, pack_int4, packed_length, unpack_int4
 
 __all__ = ["INT4_MAX", "INT4_MIN", "pack_int4", "packed_length", "unpack_int4"]

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.int4_gemm import FLOAT_INPUTS, epilogue, int4_dot, load_int4_tile
-from kernels.int4_layout import packed_length, unpack_int4
-from kernels.split_k import add_up_slices, check_split_k, choose_split_k, k_slices, multiprocessors, split_k_buffers
+from mpqc_kernels.int4_gemm import FLOAT_INPUTS, epilogue, int4_dot, load_int4_tile
+from mpqc_kernels.int4_layout import packed_length, unpack_int4
+from mpqc_kernels.split_k import add_up_slices, check_split_k, choose_split_k, k_slices, multiprocessors, split_k_buffers
 
 LAYOUTS = ("NCHW", "NHWC")
 DEPTHWISE_BLOCKS = (64, 32)  # (pixels, channels) per program of the depthwise kernel

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.int4_layout import packed_length, unpack_int4
-from kernels.split_k import add_up_slices, check_split_k, choose_split_k, k_slices, multiprocessors, split_k_buffers
+from mpqc_kernels.int4_layout import packed_length, unpack_int4
+from mpqc_kernels.split_k import add_up_slices, check_split_k, choose_split_k, k_slices, multiprocessors, split_k_buffers
 
 BLOCK_SIZES = (32, 64, 128)
 FLOAT_INPUTS = (torch.float16, torch.float32)

@@ -38,7 +38,7 @@ import weakref
 import numpy as np
 import torch
 
-from kernels.int4_layout import packed_length
+from mpqc_kernels.int4_layout import packed_length
 
 PLUGIN_NAMESPACE = "mpqc"
 PLUGIN_NAME = "Int4Conv"
@@ -143,7 +143,7 @@ def run_int4_conv(x: torch.Tensor, packed_weight: torch.Tensor, weight_scale: to
     Triton kernel kernels.int4_conv.int4_conv2d; tests pass its torch reference instead.
     """
     if conv is None:
-        from kernels.int4_conv import int4_conv2d as conv  # Triton: imported only where it runs
+        from mpqc_kernels.int4_conv import int4_conv2d as conv  # Triton: imported only where it runs
     if x.dtype != torch.int8:
         raise TypeError(f"Int4Conv takes the INT8 output of a QuantizeLinear, got {x.dtype}")
     if x.dim() != 4 or x.shape[1] != spec.in_channels:

@@ -1,4 +1,4 @@
-"""The `mpqc` command: build, export, bench, inspect."""
+"""The `mpqc` command: argument parsing and printing; the drivers in mpqc.pipeline do the work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mpqc.errors import MpqcError
 
 
 def _build_options(args, policy: str):
-    from mpqc.build import BuildOptions
+    from mpqc.pipeline.options import BuildOptions
 
     return BuildOptions(
         model=args.model,
@@ -76,15 +76,40 @@ def _summary(record: dict, out: pathlib.Path) -> str:
 
 
 def cmd_build(args) -> dict:
-    from mpqc.build import build
+    from mpqc.pipeline.build import build
 
     out = pathlib.Path(args.out)
-    record = build(_build_options(args, args.policy), out)
+    record = build(_build_options(args, args.policy), out).to_json()
     return {"out": str(out), "build": record, "_text": _summary(record, out)}
 
 
+def cmd_export(args) -> dict:
+    """The build of a saved policy: nothing is searched, so the search's flags are refused."""
+    options = _build_options(args, args.policy)
+    if options.searches:
+        raise MpqcError("export lowers a saved policy and never searches: pass --policy DIR/policy.json "
+                        "(or use mpqc build --policy search)")
+    given = options.search_only_flags_given()
+    if given:
+        raise MpqcError(f"export lowers a saved policy and never searches: drop {', '.join(given)} "
+                        "(or use mpqc build --policy search)")
+    return cmd_build(args)
+
+
+def cmd_report(args) -> dict:
+    """Re-render a build's report.md from its build.json."""
+    from mpqc.files import write_atomically
+    from mpqc.report.markdown import render_report
+    from mpqc.report.record import BuildRecord
+
+    folder = pathlib.Path(args.build)
+    record = BuildRecord.load(folder / "build.json")
+    write_atomically(folder / "report.md", render_report(record))
+    return {"out": str(folder), "report": str(folder / "report.md"), "_text": f"rendered {folder / 'report.md'}"}
+
+
 def cmd_bench(args) -> dict:
-    from mpqc.backends.ort_runner import OrtRunner
+    from mpqc.backends.base import backend_for
     from mpqc.bench.inputs import synthetic_feeds
     from mpqc.bench.latency import first_batch, measure_latency
     from mpqc.data.feeds import check_feeds, load_npz
@@ -97,7 +122,7 @@ def cmd_bench(args) -> dict:
         feeds = first_batch(check_feeds(load_npz(args.data), model, args.data), args.batch)
     else:
         feeds = synthetic_feeds(model, args.batch)
-    stats = measure_latency(OrtRunner(model.SerializeToString(), target), feeds, args.warmup, args.runs)
+    stats = measure_latency(backend_for(target).load(model.SerializeToString(), target), feeds, args.warmup, args.runs)
     result = {"model": args.model, "target": target.name, "latency": stats.to_json()}
     result["_text"] = (
         f"{args.model} on {target.name} (batch {stats.batch}, {stats.threads} threads, {stats.runs} runs): "
@@ -108,7 +133,7 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_inspect(args) -> dict:
-    from mpqc.build import analyze
+    from mpqc.passes.analysis import analyze
     from mpqc.targets import load_target
 
     target = load_target(args.target)
@@ -125,17 +150,18 @@ def cmd_inspect(args) -> dict:
 
 def cmd_check(args) -> dict:
     """TensorRT's explicit-quantization rules on any QDQ model, without TensorRT: exit 1 on a violation."""
-    from mpqc.backends.tensorrt_rules import check_tensorrt_conformance
+    from mpqc.backends.base import backend_for
     from mpqc.frontend.onnx_file import check_valid, read_onnx_file
     from mpqc.targets import load_target
 
     target = load_target(args.target)
-    if target.backend != "tensorrt":
+    backend = backend_for(target)
+    if not backend.has_rules:
         raise MpqcError(f"target '{target.name}' runs on {target.backend}; check takes a TensorRT target (trt-a100, trt-orin)")
     model = read_onnx_file(args.model)
     check_valid(model, args.model)
-    plugin = bool(target.plugins.get("int4_conv", False))
-    violations = check_tensorrt_conformance(model, int4_conv_plugin=plugin)
+    plugin = target.plugins.int4_conv
+    violations = backend.violations(model, target)
     if violations:
         text = [f"{args.model} breaks {len(violations)} TensorRT rule(s) for target {target.name}:"]
         text += [f"  {violation}" for violation in violations]
@@ -146,40 +172,14 @@ def cmd_check(args) -> dict:
             "_exit": 1 if violations else 0}
 
 
-def _costmodel_inputs(args):
-    """Analysis, target, table and the two data sets profiling and validation need."""
-    from mpqc.bench.inputs import synthetic_feeds
-    from mpqc.bench.latency import first_batch
-    from mpqc.build import BuildOptions, analyze, proxy_feeds
-    from mpqc.costmodel.table import LatencyTable
-    from mpqc.targets import load_target
-
-    target = load_target(args.target)
-    analysis = analyze(args.model)
-    options = BuildOptions(model=args.model, target=args.target, proxy=args.proxy)
-    if args.proxy or analysis.loaded.example is not None:
-        calibration, _ = proxy_feeds(options, analysis.loaded)
-    else:  # ranges change numbers, not speed: a fixed-seed synthetic batch is enough to time
-        calibration = synthetic_feeds(analysis.loaded.model, 8)
-    if analysis.loaded.example is not None:
-        timing = first_batch(analysis.loaded.example.eval_feeds()[0], args.batch)
-    else:
-        timing = synthetic_feeds(analysis.loaded.model, args.batch)
-    return analysis, target, LatencyTable.for_target(target, args.tables), options, calibration, timing
-
-
 def cmd_profile(args) -> dict:
-    from mpqc.costmodel.profile import profile
-    from mpqc.targets import load_target
+    from mpqc.pipeline.profile import profile_target
 
-    if load_target(args.target).backend == "tensorrt":
-        return _profile_tensorrt(args)
-    analysis, target, table, options, calibration, timing = _costmodel_inputs(args)
-    result = profile(analysis, target, table, {"calibration": calibration, "timing": timing}, args.batch, options,
-                     fit_policies=args.fit_policies, force=args.force, progress=not args.json)
+    target, result = profile_target(args.model, args.target, args.proxy, args.batch, args.tables,
+                                    fit_policies=args.fit_policies, force=args.force, progress=not args.json)
     counts, fit = result["layers"], result["fit"]
     result["_text"] = (
-        f"profiled {args.model} on {target.name} (batch {args.batch}): {counts['distinct']} layer measurements, "
+        f"profiled {args.model} on {target.name} ({target.backend}, batch {args.batch}): {counts['distinct']} layer measurements, "
         f"{counts['measured']} new, {counts['reused']} reused\n"
         f"  boundary ms per edge (float->int8, int8->float, int8->int8): "
         f"{fit['boundary_ms']['01']:.4f}, {fit['boundary_ms']['10']:.4f}, {fit['boundary_ms']['11']:.4f}; "
@@ -189,47 +189,15 @@ def cmd_profile(args) -> dict:
     return result
 
 
-def _profile_tensorrt(args) -> dict:
-    """Per-layer times from TensorRT engines on this GPU (mpqc.backends.tensorrt_profile)."""
-    from mpqc.backends.tensorrt import require_tensorrt
-
-    require_tensorrt()  # one clear line before any lowering when TensorRT is missing
-    from mpqc.backends.tensorrt_profile import profile_trt
-
-    analysis, target, _, options, calibration, timing = _costmodel_inputs(args)
-    result = profile_trt(analysis, target, {"calibration": calibration, "timing": timing}, args.batch, options,
-                         tables=args.tables, fit_policies=args.fit_policies, force=args.force, progress=not args.json)
-    counts, fit = result["layers"], result["fit"]
-    result["_text"] = (
-        f"profiled {args.model} on {target.name} with TensorRT (batch {args.batch}): {counts['distinct']} layer measurements, "
-        f"{counts['measured']} new, {counts['reused']} reused; overhead {fit['overhead_ms']:.3f} ms, "
-        f"fit rms residual {fit['fit_rms_residual_ms']:.3f} ms\n  table: {result['table']}"
-    )
-    return result
-
-
 def cmd_validate(args) -> dict:
-    import tempfile
+    from mpqc.pipeline.validate import validate_to_folder
 
-    from mpqc.costmodel.validate import validate
-    from mpqc.report.plots import validation_scatter
-
-    analysis, target, table, options, calibration, timing = _costmodel_inputs(args)
-    result = validate(analysis, target, table, calibration, timing, args.batch, options, policies=args.policies,
-                      runs=args.runs, noise_repeats=args.noise_repeats)
     out = pathlib.Path(args.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    (staging / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
-    validation_scatter(result, staging / "validation.png")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    staging.rename(out)
+    result = validate_to_folder(args.model, args.target, args.proxy, args.batch, args.tables, out, policies=args.policies,
+                                runs=args.runs, noise_repeats=args.noise_repeats)
     p, b = result["prediction"], result["bitops"]
     text = (
-        f"{args.model} on {target.name}, batch {args.batch}, {result['policies']} policies: "
+        f"{args.model} on {result['target']}, batch {args.batch}, {result['policies']} policies: "
         f"{p['within_10pct']:.0%} within ±10% ({p['within_5pct']:.0%} within ±5%), Kendall tau {p['kendall_tau']:.3f}, "
         f"Spearman {p['spearman_rho']:.3f}; BitOps tau {b['kendall_tau']:.3f}; "
         f"noise floor (range of repeated medians) {result['noise_floor']['max_relative_range']:.1%}, "
@@ -294,7 +262,7 @@ def make_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="lower a saved policy without searching (same bytes as the build)")
     _add_build_arguments(export)
     export.add_argument("--policy", required=True, help="policy.json from an earlier build")
-    export.set_defaults(handler=cmd_build)  # the same build, with a policy file instead of a search
+    export.set_defaults(handler=cmd_export)  # the same build, with a policy file instead of a search
 
     bench = sub.add_parser("bench", help="latency percentiles and throughput of an ONNX model on a target")
     bench.add_argument("model", help="model .onnx")
@@ -319,6 +287,10 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("--target", default="trt-a100", help="a TensorRT target: its INT4 conv plugin makes INT4 Conv weights legal")
     check.set_defaults(handler=cmd_check)
 
+    report = sub.add_parser("report", help="re-render a build's report.md from its build.json")
+    report.add_argument("build", metavar="DIR", help="a folder written by mpqc build or export")
+    report.set_defaults(handler=cmd_report)
+
     costmodel = sub.add_parser("costmodel", help="cost-model tools").add_subparsers(dest="costmodel_command", required=True)
     validate = costmodel.add_parser("validate", help="predicted vs measured latency over random policies")
     _add_costmodel_arguments(validate)
@@ -328,7 +300,7 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", required=True, help="folder for validation.json and validation.png")
     validate.set_defaults(handler=cmd_validate)
 
-    for command in (build, export, bench, inspect, check, profile, validate):
+    for command in (build, export, bench, inspect, check, profile, report, validate):
         command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -17,18 +17,46 @@ _BUNDLED_DIRS = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Runtime:
+    """A target's [runtime] section: how its backend runs a model. Each backend reads its own keys."""
+
+    # ONNX Runtime session options (0 threads: ONNX Runtime's own choice).
+    intra_op_num_threads: int = 0
+    inter_op_num_threads: int = 0
+    graph_optimization_level: str = "all"  # disable, basic, extended or all
+    session_config: dict[str, str] = dataclasses.field(default_factory=dict)  # extra session config entries
+    # TensorRT builder options.
+    workspace_mib: int = 1024
+    builder_optimization_level: int = 3
+    timing_cache: str | None = None  # file name of the timing cache (default: <target>.timing.cache)
+    profiling_verbosity: str = "detailed"
+    strongly_typed: bool = True
+    max_batch: int = 32  # the largest batch an engine's optimization profile admits
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugins:
+    """A target's [plugins] section: kernels mpqc supplies where the runtime has none."""
+
+    int4_conv: bool = False  # w4a8 Conv layers run through mpqc's INT4 conv plugin (TensorRT)
+
+
+_GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     name: str
     backend: str
     device: str
-    runtime: dict
+    runtime: Runtime
     quantize_layer_outputs: bool
     activation_type: str  # "int8" (symmetric, zero point 0) or "uint8" (asymmetric)
     int4_block_size: int
     float_type: str  # "float32" or "float16": the type of every float tensor of the lowered model
     deploy: dict[str, tuple[str, ...]]  # op type -> precisions with a real kernel
     evaluate: dict[str, tuple[str, ...]]  # op type -> precisions that can be run numerically
-    plugins: dict  # e.g. {"int4_conv": True}: kernels mpqc supplies where the runtime has none
+    plugins: Plugins
     path: pathlib.Path
 
     def precisions_for(self, op_type: str, *, deployable_only: bool = True) -> tuple[Precision, ...]:
@@ -78,14 +106,14 @@ def load_target(name_or_path: str) -> Target:
         name=data.get("name", path.stem),
         backend=data.get("backend", "onnxruntime"),
         device=data.get("device", "cpu"),
-        runtime=data.get("runtime", {}),
+        runtime=_section(Runtime, data.get("runtime", {}), "runtime", path),
         quantize_layer_outputs=bool(lowering.get("quantize_layer_outputs", False)),
         activation_type=_activation_type(lowering.get("activation_type", "int8"), path),
         int4_block_size=int(lowering.get("int4_block_size", 64)),
         float_type=_float_type(lowering.get("float_type", "float32"), path),
         deploy=deploy,
         evaluate=evaluate,
-        plugins=dict(data.get("plugins", {})),
+        plugins=_section(Plugins, data.get("plugins", {}), "plugins", path),
         path=path,
     )
 
@@ -100,3 +128,26 @@ def _float_type(name: str, path: pathlib.Path) -> str:
     if name not in ("float32", "float16"):
         raise MpqcError(f"target '{path}': float_type must be float32 or float16, not '{name}'")
     return name
+
+
+def _section(kind, values, section: str, path: pathlib.Path):
+    """A typed section from its TOML table: every key known, every value of the field's type."""
+    if not isinstance(values, dict):
+        raise MpqcError(f"target '{path}': [{section}] must be a table")
+    fields = {field.name: field for field in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise MpqcError(f"target '{path}': unknown [{section}] key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    for name, value in values.items():
+        default = getattr(kind(), name)
+        expected = type(default) if default is not None else str
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)) or not isinstance(value, expected):
+            raise MpqcError(f"target '{path}': [{section}] {name} must be {expected.__name__}, not {value!r}")
+    section_value = kind(**values)
+    if isinstance(section_value, Runtime):
+        if section_value.graph_optimization_level not in _GRAPH_OPTIMIZATION_LEVELS:
+            raise MpqcError(f"target '{path}': [runtime] graph_optimization_level must be one of "
+                            f"{', '.join(_GRAPH_OPTIMIZATION_LEVELS)}, not '{section_value.graph_optimization_level}'")
+        config = {key: str(value) for key, value in section_value.session_config.items()}
+        section_value = dataclasses.replace(section_value, session_config=config)
+    return section_value

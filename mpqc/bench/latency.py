@@ -9,6 +9,13 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class MeasureSettings:
+    batch: int = 1  # samples per timed run
+    runs: int = 100
+    warmup: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
 class LatencyStats:
     batch: int
     threads: int

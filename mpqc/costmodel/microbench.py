@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mpqc.backends.ort_runner import OrtRunner
-from mpqc.build import BuildOptions, Lowering, analyze_loaded
+from mpqc.backends.base import backend_for
 from mpqc.frontend.onnx_file import prepare
 from mpqc.frontend.resolve import LoadedModel
+from mpqc.lower.lowering import CalibrationSettings, Lowering
+from mpqc.passes.analysis import analyze_loaded
 from mpqc.passes.signatures import Signature
 from mpqc.policy import Policy
 from mpqc.targets import Target
@@ -63,9 +64,9 @@ def time_layer(signature: Signature, precision: str, target: Target, batch: int,
     shape = [batch if isinstance(d, str) else d for d in signature.input_shape]
     # Ranges matter for the numbers, not the speed; a fixed-seed normal input calibrates them.
     feeds = {"x": np.random.default_rng(1).standard_normal([min(4, batch), *shape[1:]]).astype(np.float32)}
-    lowering = Lowering.prepare(analysis, target, feeds, BuildOptions(model="micro", bias_correction=False))
+    lowering = Lowering.prepare(analysis, target, feeds, CalibrationSettings(bias_correction=False))
     policy = Policy(((analysis.layers[0].name, precision),), f"uniform:{precision}")
-    runner = OrtRunner(lowering.lower(policy), target)
+    runner = backend_for(target).load(lowering.lower(policy), target)
     inputs = {"x": np.random.default_rng(2).standard_normal(shape).astype(np.float32)}
     return measure_until_stable(lambda: runner.run(inputs))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpqc.build import Analysis
+from mpqc.passes.analysis import Analysis
 from mpqc.policy import Policy
 from mpqc.targets import Target
 

@@ -13,35 +13,17 @@ import hashlib
 import json
 import pathlib
 
+from mpqc.backends.base import backend_for
 from mpqc.errors import MpqcError
 from mpqc.files import write_atomically
 from mpqc.targets import Target
-from mpqc.versions import machine, versions
 
 
 def fingerprint(target: Target) -> dict:
-    """What a measurement depends on besides the layer: CPU and its INT8 features, cores, threads,
-    runtime version; for TensorRT targets the GPU, its compute capability, the TensorRT version,
-    the builder optimization level and the float type the unquantized layers run in."""
-    if target.backend == "tensorrt":
-        # Imported here: only TensorRT targets need TensorRT and a GPU to say where they run.
-        from mpqc.backends.tensorrt import device_fingerprint
-
-        return {"target": target.name, **device_fingerprint(),
-                "builder_optimization_level": int(target.runtime.get("builder_optimization_level", 3)),
-                "float_type": target.float_type}
-    info = machine()
-    print_ = {
-        "target": target.name,
-        "cpu": info["cpu"],
-        "cores": info["cores"],
-        "arch": info["arch"],
-        "int8_features": info["int8_features"],
-        "intra_op_num_threads": int(target.runtime.get("intra_op_num_threads", 0)),
-        "runtime": "onnxruntime " + versions()["onnxruntime"],
-    }
-    # Only a FLOAT16 lowering says so: the FLOAT tables measured before float_type existed stay valid.
-    return print_ | ({"float_type": target.float_type} if target.float_type != "float32" else {})
+    """What a measurement depends on besides the layer, as the target's backend says: for ONNX
+    Runtime the CPU and its INT8 features, cores, threads and runtime version; for TensorRT the GPU,
+    its compute capability, the TensorRT version, the builder optimization level and float type."""
+    return backend_for(target).fingerprint(target)
 
 
 def fingerprint_id(print_: dict) -> str:

@@ -1,6 +1,8 @@
-"""Render build.json as a Markdown report. Numbers are read from the record, never computed here."""
+"""Render a build record as a Markdown report. Numbers are read from the record, never computed here."""
 
 from __future__ import annotations
+
+from mpqc.report.record import BuildRecord
 
 
 def _fmt(value) -> str:
@@ -9,7 +11,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render_report(record: dict) -> str:
+def render_report(build: BuildRecord) -> str:
+    record = build.to_json()
     lines = [
         f"# mpqc build: {record['model']['spec']} on {record['target']['name']}",
         "",

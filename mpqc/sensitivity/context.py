@@ -9,6 +9,7 @@ scores up, so they must be comparable across layers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SensitivityContext:
     float_model: onnx.ModelProto  # canonicalized float model (BN folded), the one the lowering quantizes
     layers: list[Layer]
@@ -95,6 +96,22 @@ class SensitivityContext:
         if self.labels is not None:
             return self.labels
         return float_predictions(self)
+
+
+# The context's data: the score cache keys them by their hashes (model, proxy feeds, target lowering,
+# candidates) or by what they are derived from (the module is the model's source). Every other
+# field is a setting, and settings_of() puts all of them in the cache key.
+DATA_FIELDS = ("float_model", "layers", "candidates", "target", "feeds", "input_names", "module", "labels")
+
+
+def settings_of(context: SensitivityContext) -> dict:
+    """Every setting the scores depend on, for the score cache key: all fields but DATA_FIELDS,
+    and the labels' hash. A new field is a setting unless DATA_FIELDS says otherwise."""
+    settings = {field.name: getattr(context, field.name) for field in dataclasses.fields(context)
+                if field.name not in DATA_FIELDS}
+    labels = context.labels
+    settings["labels_sha256"] = None if labels is None else hashlib.sha256(np.ascontiguousarray(labels)).hexdigest()
+    return settings
 
 
 def float_predictions(context: SensitivityContext, batch_size: int = 64) -> np.ndarray:

@@ -51,7 +51,10 @@ def lowered_mnist_float32():
 def _lower_mnist(float_type: str | None):
     import dataclasses
 
-    from mpqc.build import BuildOptions, Lowering, analyze, proxy_feeds
+    from mpqc.data.proxy import proxy_feeds
+    from mpqc.lower.lowering import Lowering
+    from mpqc.passes.analysis import analyze
+    from mpqc.pipeline.options import BuildOptions
     from mpqc.policy import Policy
     from mpqc.targets import load_target
 
@@ -61,8 +64,8 @@ def _lower_mnist(float_type: str | None):
     if float_type is not None:
         target = dataclasses.replace(target, float_type=float_type)
     options = BuildOptions(model="mnist-cnn", target="trt-orin", measure=False)
-    feeds, _ = proxy_feeds(options, analysis.loaded)
+    feeds, _ = proxy_feeds(options.proxy_source(), analysis.loaded)
     policy = Policy(tuple(MIXED_POLICY.items()), "test:mixed")
-    model_bytes = Lowering.prepare(analysis, target, feeds, options).lower(policy)
+    model_bytes = Lowering.prepare(analysis, target, feeds, options.calibration_settings()).lower(policy)
     images = analysis.loaded.example.eval_feeds()[0]["image"][:16]
     return model_bytes, policy, analysis, images

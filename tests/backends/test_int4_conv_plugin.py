@@ -18,8 +18,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from kernels.int4_layout import packed_length
-from kernels.trt_int4_conv_plugin import (
+from mpqc_kernels.int4_layout import packed_length
+from mpqc_kernels.trt_int4_conv_plugin import (
     ATTRIBUTES,
     PLUGIN_NAME,
     PLUGIN_NAMESPACE,
@@ -29,17 +29,17 @@ from kernels.trt_int4_conv_plugin import (
     output_shape,
     run_int4_conv,
 )
-from mpqc.backends.int4_conv_plugin_graph import (
+from mpqc.backends.tensorrt.int4_conv_plugin_graph import (
     int4_conv_arguments,
     int4_conv_nodes,
     is_int4_conv,
     rewrite_int4_convs,
 )
-from mpqc.backends.tensorrt_rules import check_tensorrt_conformance
+from mpqc.backends.tensorrt.rules import check_tensorrt_conformance
 from mpqc.errors import MpqcError
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'): the INT4 conv reference lives in the Triton kernel module")
-from kernels.int4_conv import reference_int4_conv2d  # noqa: E402
+from mpqc_kernels.int4_conv import reference_int4_conv2d  # noqa: E402
 
 # The w4a8 convs of the lowered_mnist fixture's policy (tests/backends/conftest.py).
 W4A8_CONVS = ["block1.conv1", "block1.shortcut.conv", "block2.conv2", "block3.conv1"]
@@ -300,7 +300,7 @@ def test_the_plugin_computation_on_the_gpu_with_cached_device_weights():
 @pytest.mark.gpu
 def test_the_plugin_registers_and_runs_in_a_tensorrt_engine(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: the plugin registers only on a GPU machine with mpqc[tensorrt]")
-    from mpqc.backends.tensorrt import TensorRTRunner, build_engine
+    from mpqc.backends.tensorrt.engine import TensorRTRunner, build_engine
     from mpqc.targets import load_target
 
     original = _conv_model([2, 6, 9, 9], (8, 3, 3, 3), group=2, strides=(2, 2), pads=(1, 1, 1, 1), seed=3)

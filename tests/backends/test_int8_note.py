@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mpqc.backends import ort_runner
+from mpqc.backends.onnxruntime import runner as ort_runner
 from mpqc.cli import main
 from mpqc.targets import load_target
 

@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import pytest
 
-from mpqc.backends import tensorrt as trt_backend
-from mpqc.backends.int4_conv_plugin_graph import rewrite_int4_convs
-from mpqc.backends.tensorrt_inspect import (
+from mpqc.backends.tensorrt import engine as trt_backend
+from mpqc.backends.tensorrt.int4_conv_plugin_graph import rewrite_int4_convs
+from mpqc.backends.tensorrt.inspector import (
     attribute_layer_times,
     compare_with_policy,
     engine_float_type,
@@ -32,6 +32,7 @@ from mpqc.backends.tensorrt_inspect import (
 )
 from mpqc.cli import main
 from mpqc.errors import MpqcError
+from mpqc.targets import Plugins
 
 # An engine inspector report in the format TensorRT documents for ProfilingVerbosity.DETAILED
 # (get_engine_information(LayerInformationFormat.JSON)), written by hand for mnist-cnn with the
@@ -233,7 +234,7 @@ def test_a_batch_range_must_be_ordered():
 def test_targets_without_the_plugin_keep_their_int4_convs(lowered_mnist):
 
     model_bytes, *_ = lowered_mnist
-    no_plugin = dataclasses.replace(trt_backend_target(), plugins={})
+    no_plugin = dataclasses.replace(trt_backend_target(), plugins=Plugins())
     assert trt_backend.prepare_for_tensorrt(model_bytes, no_plugin) == (model_bytes, [])
     rewritten, names = trt_backend.prepare_for_tensorrt(model_bytes, trt_backend_target())
     assert len(names) == 4 and rewritten != model_bytes
@@ -269,7 +270,7 @@ def test_device_buffers_round_trip_through_cuda_python():
 @pytest.mark.gpu
 def test_an_engine_of_the_mixed_mnist_model_runs_like_onnx_runtime_and_reports_its_precisions(lowered_mnist, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: engines are built and run only on a GPU machine with mpqc[tensorrt]")
-    from mpqc.backends.ort_runner import OrtRunner, numerics_target
+    from mpqc.backends.onnxruntime.runner import OrtRunner, numerics_target
 
     model_bytes, policy, analysis, images = lowered_mnist
     target = trt_backend_target()
@@ -342,9 +343,10 @@ class _FakeRunner:
 
 def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(monkeypatch, tmp_path):
     """The profile's glue (lowering, rewrite, attribution, table, fit) with TensorRT replaced by _FakeRunner."""
-    from mpqc.backends import tensorrt_profile
-    from mpqc.build import BuildOptions, analyze
-    from mpqc.costmodel.profile import latency_model
+    from mpqc.pipeline import profile_tensorrt as tensorrt_profile
+    from mpqc.passes.analysis import analyze
+    from mpqc.pipeline.options import BuildOptions
+    from mpqc.costmodel.fit import latency_model
     from mpqc.costmodel.table import LatencyTable
 
     fingerprint = {"gpu": "test GPU", "compute_capability": "8.7", "runtime": "tensorrt 0.0"}
@@ -356,7 +358,7 @@ def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(m
     options = BuildOptions(model="mnist-cnn", target="trt-orin")
     images = analysis.loaded.example.eval_feeds()[0]["image"]
     feeds = {"calibration": {"image": images[:32]}, "timing": {"image": images[:1]}}
-    first = tensorrt_profile.profile_trt(analysis, target, feeds, 1, options, tables=tmp_path, fit_policies=2, runs=1, progress=False)
+    first = tensorrt_profile.profile_trt(analysis, target, feeds, 1, options.calibration_settings(), options.seed, tables=tmp_path, fit_policies=2, runs=1, progress=False)
     table = LatencyTable.for_target(target, tmp_path)
     assert table.fingerprint["gpu"] == "test GPU" and first["table"] == str(table.path)
     assert first["layers"]["measured"] == first["layers"]["distinct"] > 0 and first["layers"]["reused"] == 0
@@ -370,7 +372,7 @@ def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(m
     assert all(e["median_ms"] == pytest.approx(0.01) for key, e in table.entries.items() if "@fp32@" in key and "Conv" in key)
     model = latency_model(analysis, target, table, 1)  # the ILP can read it
     assert model.predict({layer.name: "fp32" for layer in analysis.layers}) > 0
-    again = tensorrt_profile.profile_trt(analysis, target, feeds, 1, options, tables=tmp_path, fit_policies=2, runs=1, progress=False)
+    again = tensorrt_profile.profile_trt(analysis, target, feeds, 1, options.calibration_settings(), options.seed, tables=tmp_path, fit_policies=2, runs=1, progress=False)
     assert again["layers"]["measured"] == 0 and again["layers"]["reused"] == first["layers"]["distinct"]
 
 

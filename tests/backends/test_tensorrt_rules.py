@@ -10,8 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpqc.backends.tensorrt_rules import RULES, Violation, check_tensorrt_conformance
-from mpqc.build import BuildOptions, Lowering, analyze, built_model_proto, proxy_feeds
+from mpqc.backends.tensorrt.rules import RULES, Violation, check_tensorrt_conformance
+from mpqc.data.proxy import proxy_feeds
+from mpqc.lower.lowering import Lowering
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.build import built_model_proto
+from mpqc.pipeline.options import BuildOptions
 from mpqc.policy import resolve_policy
 from mpqc.targets import load_target
 
@@ -24,9 +28,9 @@ def lower(tmp_path, model: str, policy: str, target: str = TRT_A100, evaluate_on
     # Conformance is structural: 8 calibration samples place the same Q/DQ nodes as the full proxy set.
     options = BuildOptions(model=model, target=target, proxy_limit=8)
     analysis, loaded_target = analyze(model), load_target(target)
-    feeds, _ = proxy_feeds(options, analysis.loaded)
+    feeds, _ = proxy_feeds(options.proxy_source(), analysis.loaded)
     chosen = resolve_policy(policy, analysis.layers, analysis.ties, loaded_target, deployable_only=not evaluate_only)
-    return built_model_proto(Lowering.prepare(analysis, loaded_target, feeds, options).lower(chosen))
+    return built_model_proto(Lowering.prepare(analysis, loaded_target, feeds, options.calibration_settings()).lower(chosen))
 
 
 def weight_dqs(model: onnx.ModelProto, data_type: int) -> dict[str, str]:

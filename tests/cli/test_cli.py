@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from mpqc.backends.ort_runner import int8_saturation_note
+from mpqc.backends.onnxruntime.runner import int8_saturation_note
 from mpqc.cli import main
 from mpqc.targets import load_target
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mpqc.build import analyze
+from mpqc.passes.analysis import analyze
 from mpqc.cli import main
 from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError

@@ -117,8 +117,9 @@ def test_a_float16_tensorrt_build_keeps_its_fidelity_on_onnx_runtime(tmp_path):
     """The FLOAT16 model of a TensorRT target, run by ONNX Runtime for its fidelity. ONNX Runtime's
     WeightBiasQuantization pass breaks this model's biases (top-1 agreement 0.02 with it on), so
     mpqc's runner switches it off for FLOAT16 models; the FLOAT lowering agrees on 0.91 here."""
-    from mpqc.build import BuildOptions, build
+    from mpqc.pipeline.build import build
+    from mpqc.pipeline.options import BuildOptions
 
-    record = build(BuildOptions(model="efficientnet-lite0", target="trt-a100", policy="uniform:w8a8"), None)
+    record = build(BuildOptions(model="efficientnet-lite0", target="trt-a100", policy="uniform:w8a8"), None).to_json()
     assert "latency_built" not in record["measured"]
     assert record["measured"]["fidelity"]["top1_agreement"] >= 0.85, record["measured"]["fidelity"]

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'): no INT4 kernels to test")
 
-from kernels.int4_conv import DEPTHWISE_BLOCKS, conv_config, implicit_gemm_plan, int4_conv2d, reference_int4_conv2d  # noqa: E402
-from kernels.int4_layout import pack_int4  # noqa: E402
+from mpqc_kernels.int4_conv import DEPTHWISE_BLOCKS, conv_config, implicit_gemm_plan, int4_conv2d, reference_int4_conv2d  # noqa: E402
+from mpqc_kernels.int4_layout import pack_int4  # noqa: E402
 
 MODES = {"w4a16-fp32": 4e-6, "w4a16-fp16": 1e-3, "w4a8": 4e-6}  # as in test_int4_gemm
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'): no INT4 kernels to test")
 
-from kernels.int4_gemm import gemm_config, int4_gemm, reference_int4_gemm, split_k_config  # noqa: E402
-from kernels.int4_layout import pack_int4  # noqa: E402
+from mpqc_kernels.int4_gemm import gemm_config, int4_gemm, reference_int4_gemm, split_k_config  # noqa: E402
+from mpqc_kernels.int4_layout import pack_int4  # noqa: E402
 
 # Error allowed per activation mode, as a fraction of sum |x| |w| + |bias| per output. int8 inputs
 # sum exactly and fp32 ones in fp32: ~1e-7 seen, and 4e-6 is 67 roundings (2^-24 each) deep, the

@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from mpqc.backends.ort_runner import OrtRunner, disabled_passes, numerics_target
-from mpqc.backends.tensorrt_rules import check_tensorrt_conformance
-from mpqc.build import BuildOptions, build
+from mpqc.backends.onnxruntime.runner import OrtRunner, disabled_passes, numerics_target
+from mpqc.backends.tensorrt.rules import check_tensorrt_conformance
+from mpqc.pipeline.build import build
+from mpqc.pipeline.options import BuildOptions
 from mpqc.errors import MpqcError
 from mpqc.targets import load_target
 

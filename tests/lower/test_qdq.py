@@ -9,8 +9,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from mpqc.backends.ort_runner import EXACT_INT8
-from mpqc.build import BuildOptions, build
+from mpqc.backends.onnxruntime.runner import EXACT_INT8
+from mpqc.pipeline.build import build
+from mpqc.pipeline.options import BuildOptions
 from mpqc.lower import numerics
 
 TARGETS = pathlib.Path(__file__).resolve().parents[2] / "targets"

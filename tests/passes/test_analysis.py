@@ -2,7 +2,7 @@
 
 import torch
 
-from mpqc.build import analyze
+from mpqc.passes.analysis import analyze
 from mpqc.frontend.torch_export import module_map
 from mpqc.targets import load_target
 

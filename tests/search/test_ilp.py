@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from mpqc.errors import MpqcError
 from mpqc.passes.signatures import Signature
-from mpqc.search.ilp import BudgetInfeasible, LatencyModel, bitops_and_size, pareto, smallest, solve
+from mpqc.costmodel.latency import LatencyModel, bitops_and_size
+from mpqc.search.ilp import BudgetInfeasible, pareto, smallest, solve
 
 POOL = ("fp32", "w8a8", "w4a8", "w4a16")  # w4a16 and fp32 keep activations float
 QUANTIZES = {"fp32": False, "w8a8": True, "w4a8": True, "w4a16": False}

@@ -46,7 +46,7 @@ def test_the_same_seed_gives_the_same_policy(tmp_path, capsys):
 def _onnx_file(tinynet, tmp_path) -> tuple[str, str]:
     import onnx
 
-    from mpqc.build import analyze
+    from mpqc.passes.analysis import analyze
 
     spec, proxy = tinynet
     path = tmp_path / "tinynet.onnx"

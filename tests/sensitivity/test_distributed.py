@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mpqc.build import analyze
+from mpqc.passes.analysis import analyze
 from mpqc.data.mnist import mnist_split
 from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.distributed import shard_batches
@@ -39,7 +39,7 @@ def test_torchrun_ranks_train_the_same_indicators_as_one_process(tmp_path):
     out = tmp_path / "scores.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "mpqc.sensitivity.distributed", "mnist-cnn", "--method", "seam", "--samples", str(SAMPLES),
+        "-m", "mpqc.pipeline.distributed", "mnist-cnn", "--method", "seam", "--samples", str(SAMPLES),
         "--epochs", "1", "--batch-size", "32", "--evaluate-only", "--out", str(out), "--per-rank",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

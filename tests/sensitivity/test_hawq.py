@@ -12,7 +12,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from mpqc.build import BuildOptions, analyze, proxy_feeds
+from mpqc.data.proxy import proxy_feeds
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.options import BuildOptions
 from mpqc.data.mnist import mnist_split
 from mpqc.errors import MpqcError
 from mpqc.lower import numerics
@@ -27,7 +29,7 @@ from mpqc.targets import load_target
 @pytest.fixture(scope="module")
 def mnist():
     analysis = analyze("mnist-cnn")
-    feeds, _ = proxy_feeds(BuildOptions(model="mnist-cnn"), analysis.loaded)
+    feeds, _ = proxy_feeds(BuildOptions(model="mnist-cnn").proxy_source(), analysis.loaded)
     target = load_target("ort-cpu")
     candidates = {
         layer.name: [p.name for p in target.precisions_for(layer.op_type, deployable_only=False)] for layer in analysis.layers

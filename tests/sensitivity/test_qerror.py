@@ -11,7 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mpqc.build import BuildOptions, analyze, proxy_feeds
+from mpqc.data.proxy import proxy_feeds
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.options import BuildOptions
 from mpqc.calibrate.ranges import calibrate
 from mpqc.lower.qdq import lower, plan_activation_quantizers
 from mpqc.policy import Policy
@@ -24,7 +26,7 @@ SAMPLES = 32
 @pytest.fixture(scope="module")
 def mnist():
     analysis = analyze("mnist-cnn")
-    feeds, _ = proxy_feeds(BuildOptions(model="mnist-cnn"), analysis.loaded)
+    feeds, _ = proxy_feeds(BuildOptions(model="mnist-cnn").proxy_source(), analysis.loaded)
     feeds = {name: array[:SAMPLES] for name, array in feeds.items()}
     target = load_target("ort-cpu")
     candidates = {layer.name: [p.name for p in target.precisions_for(layer.op_type, deployable_only=False)] for layer in analysis.layers}

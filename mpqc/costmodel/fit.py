@@ -1,4 +1,5 @@
-"""`mpqc profile`: fill the target's latency table for a model, then fit its boundary terms.
+"""The cost model of one model on one target: layer terms from its latency table, boundary terms
+fitted to whole-model measurements (mpqc.pipeline.profile measures both).
 
 Layer terms come from micro-models (one per distinct signature x deployable precision, reused
 across models and runs). The table is not additive truth: changing precision between two layers
@@ -10,21 +11,17 @@ fitted, by least squares, from a few whole-model measurements: one coefficient p
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
 
-from mpqc.backends.ort_runner import OrtRunner
-from mpqc.bench.latency import measure_latency
-from mpqc.build import Analysis, BuildOptions, Lowering
-from mpqc.costmodel.microbench import time_layer
+from mpqc.costmodel.latency import LatencyModel
 from mpqc.costmodel.policies import random_policy, uniform_policies
 from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError
 from mpqc.lower.qdq import through_clamps
 from mpqc.passes.layer_graph import layer_edges
 from mpqc.passes.signatures import layer_signature
+from mpqc.passes.analysis import Analysis
 from mpqc.policy import Policy
 from mpqc.precision import precision
-from mpqc.search.ilp import LatencyModel
 from mpqc.targets import Target
 
 EDGE_KINDS = ((False, True), (True, False), (True, True))  # (producer int8, consumer int8); (False, False) is the reference
@@ -34,22 +31,6 @@ FLOAT_OUTPUT = "~float-out"
 
 def model_key(analysis: Analysis, batch: int) -> str:
     return f"{analysis.loaded.sha256()}@b{batch}"
-
-
-def profile_layers(analysis: Analysis, target: Target, table: LatencyTable, batch: int, force: bool = False, progress: bool = True) -> dict:
-    """Measure every (signature, deployable precision) the table lacks; returns counts."""
-    work = {}
-    for layer in analysis.layers:
-        signature = layer_signature(analysis.model, layer)
-        for p in target.precisions_for(layer.op_type):
-            work.setdefault((signature.key(), p.name), signature)
-            if p.quantizes_activations and target.quantize_layer_outputs:
-                work.setdefault((signature.key(), p.name + FLOAT_OUTPUT), signature)
-    todo = [(key, p, sig) for (key, p), sig in work.items() if force or table.lookup(key, p, batch) is None]
-    for key, p, signature in tqdm(todo, desc="profiling layers", unit="layer", disable=not progress):
-        name, _, variant = p.partition("~")
-        table.record(key, p, batch, time_layer(signature, name, target, batch, output_read=not variant))
-    return {"distinct": len(work), "measured": len(todo), "reused": len(work) - len(todo)}
 
 
 def layer_terms(analysis: Analysis, target: Target, table: LatencyTable, batch: int) -> dict[tuple[str, str], float]:
@@ -108,11 +89,6 @@ def edge_counts(edges, policy: Policy) -> np.ndarray:
         if kind in kinds:
             kinds[kind] += 1
     return np.array([kinds[k] for k in EDGE_KINDS], dtype=np.float64)
-
-
-def measure_model(lowering: Lowering, policy: Policy, feeds: dict, runs: int) -> float:
-    runner = OrtRunner(lowering.lower(policy), lowering.target)
-    return measure_latency(runner, feeds, warmup=10, runs=runs).median_ms
 
 
 def edge_elements(analysis: Analysis, batch: int) -> dict[str, float]:
@@ -193,17 +169,3 @@ def latency_model(analysis: Analysis, target: Target, table: LatencyTable, batch
         overhead_ms=fitted["overhead_ms"],
         edge_ms=per_edge,
     )
-
-
-def profile(analysis, target, table, feeds, batch: int, options: BuildOptions, fit_policies: int = 12, runs: int = 50,
-            force: bool = False, progress: bool = True) -> dict:
-    counts = profile_layers(analysis, target, table, batch, force, progress)
-    table.save()
-    key = model_key(analysis, batch)
-    if force or key not in table.models:
-        terms = layer_terms(analysis, target, table, batch)
-        lowering = Lowering.prepare(analysis, target, feeds["calibration"], options)
-        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, options.seed),
-                                           batch, lambda policy: measure_model(lowering, policy, feeds["timing"], runs))
-        table.save()
-    return {"table": str(table.path), "layers": counts, "fit": table.models[key]}

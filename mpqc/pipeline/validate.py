@@ -9,19 +9,25 @@ be judged more finely than that.
 
 from __future__ import annotations
 
+import json
+import pathlib
+import shutil
+import tempfile
 import time
 
 import numpy as np
 from scipy import stats
 
-from mpqc.backends.ort_runner import OrtRunner
+from mpqc.backends.base import backend_for
 from mpqc.bench.latency import measure_latency
-from mpqc.build import Analysis, BuildOptions, Lowering
+from mpqc.costmodel.fit import latency_model
+from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.policies import random_policy, uniform_policies
-from mpqc.costmodel.profile import latency_model
 from mpqc.costmodel.table import LatencyTable
+from mpqc.lower.lowering import CalibrationSettings, Lowering
+from mpqc.passes.analysis import Analysis
 from mpqc.passes.signatures import layer_signature
-from mpqc.search.ilp import bitops_and_size
+from mpqc.pipeline.profile import costmodel_inputs
 from mpqc.targets import Target
 
 
@@ -45,18 +51,19 @@ def _ranks_only(proxy: np.ndarray, measured: np.ndarray) -> dict:
 
 def validate(
     analysis: Analysis, target: Target, table: LatencyTable, calibration_feeds, timing_feeds, batch: int,
-    options: BuildOptions, policies: int = 30, runs: int = 50, noise_repeats: int = 5, seed: int = 1000,
+    calibration: CalibrationSettings = CalibrationSettings(), policies: int = 30, runs: int = 50, noise_repeats: int = 5, seed: int = 1000,
 ) -> dict:
     started = time.perf_counter()
     model = latency_model(analysis, target, table, batch)
-    lowering = Lowering.prepare(analysis, target, calibration_feeds, options)
+    lowering = Lowering.prepare(analysis, target, calibration_feeds, calibration)
+    backend = backend_for(target)
     rng = np.random.default_rng(seed)
     candidates = uniform_policies(analysis, target) + [random_policy(analysis, target, rng, f"random-{i}") for i in range(policies)]
     signatures = {layer.name: layer_signature(analysis.model, layer) for layer in analysis.layers}
 
     rows = []
     for policy in candidates:
-        runner = OrtRunner(lowering.lower(policy), target)
+        runner = backend.load(lowering.lower(policy), target)
         measured = measure_latency(runner, timing_feeds, warmup=10, runs=runs)
         chosen = policy.as_dict
         rows.append({
@@ -72,7 +79,7 @@ def validate(
     # A second, independent measurement of every policy: how well the measurement predicts itself
     # is the ceiling any predictor can reach on this machine.
     for policy, row in zip(candidates, rows):
-        runner = OrtRunner(lowering.lower(policy), target)
+        runner = backend.load(lowering.lower(policy), target)
         row["measured_again_ms"] = measure_latency(runner, timing_feeds, warmup=10, runs=runs).median_ms
     noise = _noise_floor(lowering, candidates[: min(2, len(candidates))], timing_feeds, runs, noise_repeats)
     noise["repeat_agreement"] = _agreement(np.array([r["measured_again_ms"] for r in rows]), measured)
@@ -100,7 +107,7 @@ def _noise_floor(lowering: Lowering, policies, feeds, runs: int, repeats: int) -
     for policy in policies:
         model_bytes = lowering.lower(policy)
         medians = np.array([
-            measure_latency(OrtRunner(model_bytes, lowering.target), feeds, warmup=10, runs=runs).median_ms
+            measure_latency(backend_for(lowering.target).load(model_bytes, lowering.target), feeds, warmup=10, runs=runs).median_ms
             for _ in range(repeats)
         ])
         spreads[policy.source] = {
@@ -113,3 +120,21 @@ def _noise_floor(lowering: Lowering, policies, feeds, runs: int, repeats: int) -
         "per_policy": spreads,
         "max_relative_range": max(s["relative_range"] for s in spreads.values()),
     }
+
+
+def validate_to_folder(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None,
+                       out: pathlib.Path, **settings) -> dict:
+    """`mpqc costmodel validate`: validate() on the model's own data, written to `out`
+    (validation.json and validation.png, through a staging folder renamed at the end)."""
+    from mpqc.report.plots import validation_scatter  # matplotlib only where a plot is drawn
+
+    analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables)
+    result = validate(analysis, target, table, feeds["calibration"], feeds["timing"], batch, **settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    (staging / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    validation_scatter(result, staging / "validation.png")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return result

@@ -1,6 +1,6 @@
 """`mpqc profile --target trt-*`: latency tables measured in TensorRT engines.
 
-ONNX Runtime tables time one micro-model per layer signature (mpqc.costmodel.profile). On
+ONNX Runtime tables time one micro-model per layer signature (mpqc.pipeline.profile). On
 TensorRT a layer's cost depends on what it is fused with, so layer terms come from whole-model
 engines instead: one engine per uniform policy (every layer at precision p where the target
 deploys it, else fp32), timed per layer by TensorRT's IProfiler. Each engine layer's time goes to
@@ -16,11 +16,12 @@ the GPU, compute capability and TensorRT version instead of the CPU and ONNX Run
 
 from __future__ import annotations
 
-
 import numpy as np
 from tqdm import tqdm
 
-from mpqc.backends.tensorrt import (
+from mpqc.backends.base import backend_for
+from mpqc.backends.tensorrt import BACKEND as TENSORRT
+from mpqc.backends.tensorrt.engine import (
     TensorRTRunner,
     batch_range,
     build_engine,
@@ -28,12 +29,13 @@ from mpqc.backends.tensorrt import (
     require_tensorrt,
     timing_cache_path,
 )
-from mpqc.backends.tensorrt_inspect import attribute_layer_times, layer_precisions
-from mpqc.build import Analysis, BuildOptions, Lowering
+from mpqc.backends.tensorrt.inspector import attribute_layer_times, layer_precisions
+from mpqc.costmodel.fit import fit_boundaries, fitting_policies, layer_terms, model_key
 from mpqc.costmodel.policies import uniform_policies
-from mpqc.costmodel.profile import fit_boundaries, fitting_policies, layer_terms, model_key
 from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError
+from mpqc.lower.lowering import CalibrationSettings, Lowering
+from mpqc.passes.analysis import Analysis
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.targets import Target
@@ -95,20 +97,21 @@ def profile_layers_trt(analysis: Analysis, target: Target, table: LatencyTable, 
             todo.discard(key)
 
 
-def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int, options: BuildOptions, *, tables=None,
+def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int,
+                calibration: CalibrationSettings = CalibrationSettings(), seed: int = 0, *, tables=None,
                 fit_policies: int = 12, runs: int = 50, layer_runs: int = 20, force: bool = False, progress: bool = True) -> dict:
     """Measure the TensorRT latency table of `analysis` on this GPU and fit its boundary terms.
 
     feeds: {"calibration": arrays to calibrate the lowering, "timing": one batch to time}.
-    Returns the same summary as mpqc.costmodel.profile.profile.
+    Returns the same summary as mpqc.pipeline.profile.profile.
     """
-    if target.backend != "tensorrt":
+    if backend_for(target) is not TENSORRT:
         raise MpqcError(f"target '{target.name}' runs on {target.backend}; profile_trt times TensorRT targets")
-    plugin = bool(target.plugins.get("int4_conv")) and any(
+    plugin = target.plugins.int4_conv and any(
         "w4a8" in [p.name for p in target.precisions_for(layer.op_type)] for layer in analysis.layers if layer.op_type == "Conv")
     require_tensorrt(needs_plugin=plugin)
     table = LatencyTable.for_target(target, tables)
-    lowering = Lowering.prepare(analysis, target, feeds["calibration"], options)
+    lowering = Lowering.prepare(analysis, target, feeds["calibration"], calibration)
     engines = _Engines(lowering, target, batch, tables, feeds["timing"], runs)
     signatures = {(layer_signature(analysis.model, layer).key(), p.name)
                   for layer in analysis.layers for p in target.precisions_for(layer.op_type)}
@@ -119,7 +122,7 @@ def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int, opt
     if force or key not in table.models:
         terms = layer_terms(analysis, target, table, batch)
         # The boundary fit of the ONNX Runtime tables, on end-to-end engine latencies.
-        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, options.seed),
+        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, seed),
                                            batch, engines.measure)
         table.save()
     return {"table": str(table.path), "layers": {"distinct": len(signatures), "measured": measured,

@@ -10,9 +10,9 @@ GPU); every entry point here raises one clear MpqcError when they are missing.
 
 - build_engine(onnx_bytes, target, ...) -> serialized engine bytes
 - TensorRTRunner(engine_bytes): run(feeds) -> outputs, latency, layer_times
-- layer_precisions(engine) / compare_with_policy(...) (mpqc.backends.tensorrt_inspect)
+- layer_precisions(engine) / compare_with_policy(...) (mpqc.backends.tensorrt.inspector)
 - engine_artifacts(...): what `mpqc build` writes for a TensorRT target (model.engine + report)
-- profile_trt(...) (mpqc.backends.tensorrt_profile): latency tables for `mpqc profile --target trt-*`
+- latency tables for `mpqc profile --target trt-*` are measured by mpqc.pipeline.profile_tensorrt
 """
 
 from __future__ import annotations
@@ -25,20 +25,15 @@ import pathlib
 import numpy as np
 import onnx
 
-from mpqc.backends.int4_conv_plugin_graph import int4_conv_nodes, rewrite_int4_convs
-from mpqc.backends.tensorrt_inspect import (  # noqa: F401 (public API)
-    compare_with_policy,
-    engine_float_type,
-    layer_precisions,
-    precision_report,
-)
+from mpqc.backends.base import Runner
+from mpqc.backends.tensorrt.inspector import engine_float_type, layer_precisions, precision_report
+from mpqc.backends.tensorrt.int4_conv_plugin_graph import int4_conv_nodes, rewrite_int4_convs
 from mpqc.errors import MpqcError
 from mpqc.files import write_atomically
-from mpqc.targets import Target
+from mpqc.targets import Runtime, Target
 
 MISSING_TENSORRT = "TensorRT is not installed: install mpqc[tensorrt] on the machine with the GPU"
 MISSING_CUDA_PYTHON = "cuda-python is not installed: install mpqc[tensorrt] on the machine with the GPU"
-DEFAULT_MAX_BATCH = 32  # upper end of the engine's batch range unless the target's [runtime] says max_batch
 
 
 def import_tensorrt():
@@ -94,7 +89,7 @@ class BatchRange:
 
     min: int = 1
     opt: int = 1
-    max: int = DEFAULT_MAX_BATCH
+    max: int = Runtime.max_batch  # the target's [runtime] max_batch default
 
     def __post_init__(self):
         if not 1 <= self.min <= self.opt <= self.max:
@@ -128,7 +123,7 @@ def build_engine(onnx_bytes: bytes, target: Target, *, timing_cache_path: str | 
     logger = _make_logger(trt)
     model = onnx.ModelProto.FromString(onnx_bytes)
     if int4_conv_nodes(model):
-        from kernels.trt_int4_conv_plugin import register
+        from mpqc_kernels.trt_int4_conv_plugin import register
 
         register()  # before parsing: the parser looks Int4Conv up in the plugin registry
     builder = trt.Builder(logger)
@@ -139,9 +134,9 @@ def build_engine(onnx_bytes: bytes, target: Target, *, timing_cache_path: str | 
         raise MpqcError(f"TensorRT cannot parse the model for target '{target.name}' ({len(errors)} error(s)): " + "; ".join(errors))
     config = builder.create_builder_config()
     runtime = target.runtime
-    workspace = workspace_bytes if workspace_bytes is not None else int(runtime.get("workspace_mib", 1024)) * 2**20
+    workspace = workspace_bytes if workspace_bytes is not None else runtime.workspace_mib * 2**20
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    config.builder_optimization_level = int(runtime.get("builder_optimization_level", 3))
+    config.builder_optimization_level = runtime.builder_optimization_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector then names each layer's types
     _add_batch_profile(builder, network, config, batch)
     cache = _load_timing_cache(config, timing_cache_path)
@@ -209,18 +204,11 @@ def deserialize(engine_bytes: bytes):
 
 def _register_plugin_if_possible() -> None:
     try:
-        from kernels.trt_int4_conv_plugin import register
+        from mpqc_kernels.trt_int4_conv_plugin import register
 
         register()
     except ImportError:
         pass  # engines without Int4Conv layers load without it; one with them fails with TensorRT's message
-
-
-def engine_information(engine) -> str:
-    """The engine inspector's JSON: every layer with its types, tactic and fused ONNX nodes."""
-    trt = import_tensorrt()
-    inspector = engine.create_engine_inspector()
-    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
 
 
 def _make_profiler(trt):
@@ -265,11 +253,8 @@ def _check(result, what: str):
     return values[0] if len(values) == 1 else tuple(values) if values else None
 
 
-class TensorRTRunner:
-    """Runs a serialized engine on the GPU: host arrays in, host arrays out.
-
-    Has `run(feeds)` and `threads`, the interface mpqc.bench.latency.measure_latency times.
-    """
+class TensorRTRunner(Runner):
+    """Runs a serialized engine on the GPU: host arrays in, host arrays out."""
 
     threads = 0  # the GPU runs it; kept for LatencyStats
 
@@ -311,12 +296,6 @@ class TensorRTRunner:
                    "copy an output")
         _check(self.cudart.cudaStreamSynchronize(self.stream), "finish the run")
         return outputs
-
-    def latency(self, feeds: dict[str, np.ndarray], warmup: int = 10, runs: int = 100):
-        """LatencyStats of whole runs (host to host, as a caller sees them)."""
-        from mpqc.bench.latency import measure_latency
-
-        return measure_latency(self, feeds, warmup, runs)
 
     def layer_times(self, feeds: dict[str, np.ndarray], runs: int = 20) -> dict[str, float]:
         """Median time (ms) of each engine layer over `runs`, from TensorRT's IProfiler."""
@@ -363,21 +342,21 @@ def timing_cache_path(target: Target, folder: str | pathlib.Path | None = None) 
     another GPU or version is useless, and TensorRT would refuse it)."""
     print_ = device_fingerprint()
     key = hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()[:12]
-    name = target.runtime.get("timing_cache", f"{target.name}.timing.cache")
+    name = target.runtime.timing_cache or f"{target.name}.timing.cache"
     folder = pathlib.Path(folder) if folder else target.path.parent / target.name
     return folder / f"{key}.{name}"
 
 
 def prepare_for_tensorrt(model_bytes: bytes, target: Target) -> tuple[bytes, list[str]]:
     """The QDQ model with its w4a8 convs rewritten for the INT4 conv plugin (when the target has it)."""
-    if not target.plugins.get("int4_conv", False):
+    if not target.plugins.int4_conv:
         return model_bytes, []
     model, rewritten = rewrite_int4_convs(onnx.ModelProto.FromString(model_bytes))
     return (model.SerializeToString(deterministic=True) if rewritten else model_bytes), rewritten
 
 
 def batch_range(target: Target, batch: int) -> BatchRange:
-    return BatchRange(1, batch, max(batch, int(target.runtime.get("max_batch", DEFAULT_MAX_BATCH))))
+    return BatchRange(1, batch, max(batch, target.runtime.max_batch))
 
 
 def engine_artifacts(model_bytes: bytes, target: Target, policy, layers, batch: int = 1,
@@ -403,9 +382,3 @@ def engine_artifacts(model_bytes: bytes, target: Target, policy, layers, batch: 
                "precisions": report}
     return {"model.engine": engine_bytes}, section
 
-
-def profile_trt(*args, **kwargs):
-    """Latency tables for `mpqc profile --target trt-*` (see mpqc.backends.tensorrt_profile)."""
-    from mpqc.backends.tensorrt_profile import profile_trt as profile
-
-    return profile(*args, **kwargs)

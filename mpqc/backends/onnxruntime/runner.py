@@ -8,10 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from mpqc.backends.base import Runner
 from mpqc.errors import MpqcError
 from mpqc.targets import Target, load_target
 from mpqc.versions import machine
 
+NAME = "onnxruntime"  # the targets' backend name
 EXACT_INT8 = "session.x64quantprecision"
 INT8_DOT_PRODUCT = {"avx512_vnni", "avx_vnni", "amx_int8"}  # x86 features whose u8s8 kernels are exact
 
@@ -26,19 +28,19 @@ _LEVELS = {
 def session_options(target: Target) -> ort.SessionOptions:
     runtime = target.runtime
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(runtime.get("intra_op_num_threads", 0))
-    options.inter_op_num_threads = int(runtime.get("inter_op_num_threads", 0))
-    options.graph_optimization_level = _LEVELS[runtime.get("graph_optimization_level", "all")]
+    options.intra_op_num_threads = runtime.intra_op_num_threads
+    options.inter_op_num_threads = runtime.inter_op_num_threads
+    options.graph_optimization_level = _LEVELS[runtime.graph_optimization_level]
     options.log_severity_level = 3
-    for key, value in runtime.get("session_config", {}).items():
-        options.add_session_config_entry(key, str(value))
+    for key, value in runtime.session_config.items():
+        options.add_session_config_entry(key, value)
     return options
 
 
 def with_exact_int8(target: Target, exact: bool) -> Target:
     """The target with ONNX Runtime's exact (slower) INT8 kernels switched on or off."""
-    config = {**target.runtime.get("session_config", {}), EXACT_INT8: "1" if exact else "0"}
-    return dataclasses.replace(target, runtime={**target.runtime, "session_config": config})
+    config = {**target.runtime.session_config, EXACT_INT8: "1" if exact else "0"}
+    return dataclasses.replace(target, runtime=dataclasses.replace(target.runtime, session_config=config))
 
 
 def int8_saturation_note(target: Target) -> str | None:
@@ -50,7 +52,7 @@ def int8_saturation_note(target: Target) -> str | None:
     info = machine()
     if info["arch"] not in ("x86_64", "AMD64") or INT8_DOT_PRODUCT & set(info["int8_features"]):
         return None
-    if str(target.runtime.get("session_config", {}).get(EXACT_INT8, "0")) == "1":
+    if target.runtime.session_config.get(EXACT_INT8, "0") == "1":
         return None
     return (f"this CPU has no VNNI ({', '.join(info['int8_features']) or 'no AVX2'}): ONNX Runtime's INT8 kernels "
             "saturate here, so INT8 layers lose more fidelity than on VNNI CPUs; deploy on a VNNI CPU, or set "
@@ -79,9 +81,9 @@ def disabled_passes(model: bytes | str) -> list[str]:
     return ["WeightBiasQuantization"] if float16 else []
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     def __init__(self, model: bytes | str, target: Target):
-        if target.backend != "onnxruntime":
+        if target.backend != NAME:
             raise MpqcError(f"target '{target.name}' runs on {target.backend}, not ONNX Runtime")
         self.target = target
         try:
@@ -95,19 +97,10 @@ class OrtRunner:
 
     @property
     def threads(self) -> int:
-        return int(self.target.runtime.get("intra_op_num_threads", 0))
+        return self.target.runtime.intra_op_num_threads
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
             raise MpqcError(f"missing model input(s): {', '.join(missing)}")
         return self.session.run(self.output_names, {name: feeds[name] for name in self.inputs})
-
-    def run_batched(self, feeds: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """The first output over all samples, run in batches (evaluation sets do not fit one run)."""
-        count = len(next(iter(feeds.values())))
-        chunks = [
-            self.run({name: array[start : start + batch_size] for name, array in feeds.items()})[0]
-            for start in range(0, count, batch_size)
-        ]
-        return np.concatenate(chunks)

@@ -1,7 +1,7 @@
 """mpqc's INT4 Triton kernels vs cuBLAS/cuDNN FP16 and INT8, at EfficientNet-Lite0 conv shapes and
 MiniLM linear shapes, batch 1 and 64, on the CUDA GPU of this machine.
 
-    python benchmarks/kernels.py [--batches 1 64] [--models minilm minilm-token efficientnet-lite0]
+    python benchmarks/int4_kernels.py [--batches 1 64] [--models minilm minilm-token efficientnet-lite0]
                                  [--kinds linear conv] [--rep-ms 100] [--split-k-sweep-batches 1] [--out FILE]
 
 MiniLM's linears run on its 128 tokens per sample; "minilm-token" runs them on one token per
@@ -28,12 +28,8 @@ import re
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-# Run as `python benchmarks/kernels.py`, this folder is sys.path[0], and this file's own name would
-# shadow the `kernels` package; the checkout's root, which holds that package, takes its place.
-if sys.path and pathlib.Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path[0] = str(HERE.parent)
 
-import torch  # noqa: E402
+import torch
 
 RESULTS = HERE / "results"
 SEQUENCE = 128  # MiniLM's token count per sample in mpqc's example
@@ -99,10 +95,10 @@ def main() -> int:
     parser.add_argument("--out", help="output file (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no GPU available (torch.cuda.is_available() is False): nothing measured, nothing written")
+        print("benchmarks/int4_kernels.py: no GPU available (torch.cuda.is_available() is False): nothing measured, nothing written")
         return 1
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("benchmarks/kernels.py: TRITON_INTERPRET is set: the interpreter's timings are not GPU numbers; unset it")
+        print("benchmarks/int4_kernels.py: TRITON_INTERPRET is set: the interpreter's timings are not GPU numbers; unset it")
         return 1
     # Triton and the kernels are imported only once a GPU is known to be there.
     bench = Bench(args.rep_ms, args.split_k_sweep_batches)
@@ -143,7 +139,7 @@ class Bench:
     def __init__(self, rep_ms: int, sweep_batches: list[int]):
         import triton.testing
 
-        from kernels import int4_conv, int4_gemm, pack_int4, split_k
+        from mpqc_kernels import int4_conv, int4_gemm, pack_int4, split_k
 
         self.do_bench, self.rep_ms = triton.testing.do_bench, rep_ms
         self.do_bench_graph = triton.testing.do_bench_cudagraph

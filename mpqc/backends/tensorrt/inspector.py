@@ -121,10 +121,15 @@ def parse_engine_information(information: str | Mapping) -> dict[str, EngineLaye
 def layer_precisions(engine_or_information) -> dict[str, EngineLayer]:
     """Engine layer name -> precision information, from a TensorRT ICudaEngine or its inspector JSON."""
     if hasattr(engine_or_information, "create_engine_inspector"):
-        from mpqc.backends.tensorrt import engine_information  # needs TensorRT
-
         return parse_engine_information(engine_information(engine_or_information))
     return parse_engine_information(engine_or_information)
+
+
+def engine_information(engine) -> str:
+    """The engine inspector's JSON: every layer with its types, tactic and fused ONNX nodes."""
+    import tensorrt  # an engine exists, so TensorRT is installed
+
+    return engine.create_engine_inspector().get_engine_information(tensorrt.LayerInformationFormat.JSON)
 
 
 def compare_with_policy(layer_info: Mapping[str, EngineLayer], policy, layers, float_type: str = "FP32") -> list[LayerPrecision]:

@@ -1,0 +1,282 @@
+"""`mpqc build` and `mpqc export`: model -> canonical ONNX -> layers -> policy -> calibration ->
+QDQ model -> artifacts.
+
+Each stage takes and returns plain data. Everything is written to a temporary folder beside
+`--out` and renamed at the end, so a failed build leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import pathlib
+import random
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from mpqc.backends.base import Backend, backend_for
+from mpqc.backends.onnxruntime.runner import int8_saturation_note
+from mpqc.bench.fidelity import output_agreement
+from mpqc.bench.latency import MeasureSettings, first_batch, measure_latency
+from mpqc.data.feeds import feeds_sha256
+from mpqc.data.proxy import proxy_feeds, proxy_labels
+from mpqc.errors import MpqcError
+from mpqc.lower.lowering import Lowering
+from mpqc.passes.analysis import Analysis, analyze
+from mpqc.pipeline.options import BuildOptions
+from mpqc.policy import Policy, resolve_policy
+from mpqc.report.markdown import render_report
+from mpqc.report.record import BuildRecord
+from mpqc.targets import Target, load_target
+from mpqc.versions import machine, versions
+
+
+def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
+    """Run the whole build; write the artifacts to `out` (if given) and return build.json's record."""
+    if out is not None:
+        check_out_dir(out)
+    if options.pareto is not None and not options.searches:
+        raise MpqcError("--pareto sweeps a budget of the search: use it with --policy search")
+    options.check_consistent()
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    target = load_target(options.target)
+    backend = backend_for(target)
+    analysis = analyze(options.model)
+    timings["frontend_and_passes_s"] = time.perf_counter() - clock
+
+    search = None
+    extra_files: dict[str, bytes] = {}
+    if options.searches:
+        from mpqc.pipeline.search import prepare_search  # the search pulls in torch and scipy
+
+        feeds, proxy_origin = proxy_feeds(options.proxy_source(), analysis.loaded)
+        clock = time.perf_counter()
+        labels = proxy_labels(options.proxy_source(), analysis.loaded, len(next(iter(feeds.values()))))
+        problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
+        if options.pareto is not None:
+            policy, search, front = problem.pareto(options.pareto)
+            extra_files = _pareto_files(front)
+        else:
+            policy, search = problem.solve(options.budget_ms)
+        timings["search_s"] = time.perf_counter() - clock
+    else:
+        policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
+        needs_data = any(not policy.precision_of(name).is_float for name in policy.as_dict)
+        feeds, proxy_origin = (proxy_feeds(options.proxy_source(), analysis.loaded) if needs_data or options.proxy else ({}, None))
+
+    clock = time.perf_counter()
+    lowering = Lowering.prepare(analysis, target, feeds, options.calibration_settings())
+    timings["calibration_s"] = time.perf_counter() - clock
+
+    # A --pareto build lowers a point of the front as it is: re-solving for the budget would leave the front.
+    if (search is not None and options.budget_ms is not None and options.pareto is None and options.measure
+            and backend.measures_latency):
+        clock = time.perf_counter()
+        policy, search = _meet_latency_budget(problem, policy, search, lowering, analysis.loaded, feeds, options.budget_ms,
+                                              options.batch)
+        timings["budget_verification_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    model_bytes = lowering.lower(policy)
+    timings["lowering_s"] = time.perf_counter() - clock
+
+    artifacts = {"model.qdq.onnx": hashlib.sha256(model_bytes).hexdigest()}
+    artifacts |= {name: hashlib.sha256(data).hexdigest() for name, data in extra_files.items()}
+    if backend.has_rules:
+        _check_rules(backend, built_model_proto(model_bytes), target)
+    engine_files, engine_section = backend.artifacts(model_bytes, target, policy, analysis.layers, options.batch, options.tables)
+    artifacts |= {name: hashlib.sha256(data).hexdigest() for name, data in engine_files.items()}
+    extra_files = extra_files | engine_files
+    measured = not_measured = None
+    if options.measure:
+        measured, not_measured, search = _measurements(options, backend, analysis, target, lowering, model_bytes, policy,
+                                                       feeds, search, timings)
+    record = BuildRecord(
+        model={"spec": options.model, "kind": analysis.loaded.kind, "float_sha256": analysis.loaded.sha256()},
+        target={"name": target.name, "file_sha256": hashlib.sha256(target.path.read_bytes()).hexdigest()},
+        policy={"source": policy.source, "counts": _counts(policy)},
+        options=dataclasses.asdict(options),
+        proxy={"origin": proxy_origin, "samples": len(next(iter(feeds.values()))) if feeds else 0,
+               "sha256": feeds_sha256(feeds) if feeds else None},
+        calibration={"method": options.calibration, "tensors": len(lowering.ranges), "bias_correction": options.bias_correction},
+        layers=_layer_rows(analysis, policy, target),
+        ties=[list(group) for group in analysis.ties],
+        artifacts=artifacts,
+        versions=versions(),
+        machine=machine(),
+        seed=options.seed,
+        search=search,
+        tensorrt_engine=engine_section,
+        measured=measured,
+        not_measured=not_measured,
+        timings=timings,
+    )
+    if out is not None:
+        _write_atomically(out, model_bytes, policy, record, extra_files)
+    return record
+
+
+def _measurements(options: BuildOptions, backend: Backend, analysis: Analysis, target: Target, lowering: Lowering,
+                  model_bytes: bytes, policy: Policy, feeds, search: dict | None, timings: dict) -> tuple[dict, str | None, dict | None]:
+    """build.json's measured section, what was not measured, and the search record with the
+    measured latency against its budget."""
+    float_bytes = lowering.float_model.SerializeToString()
+    if not backend.measures_latency:
+        evaluation = backend.numerics_target(target)
+        runners = (backend_for(evaluation).load(float_bytes, evaluation), backend_for(evaluation).load(model_bytes, evaluation))
+        measured = {"fidelity": fidelity_against_float(*runners, analysis.loaded, feeds, timings)[0],
+                    "fidelity_runtime": "ONNX Runtime CPU (exact INT8 kernels), running the QDQ model's numerics"}
+        not_measured = (f"latency: target '{target.name}' runs on {target.backend}; "
+                        "mpqc times ONNX Runtime targets only (time the engine with `mpqc profile` on the device)")
+        return measured, not_measured, search
+    measured = _measure(options.measure_settings(), backend, analysis.loaded, target, float_bytes, model_bytes, feeds, timings)
+    note = int8_saturation_note(target) if any(policy.precision_of(name).weight_bits == 8 for name, _ in policy.assignments) else None
+    if note is not None:
+        measured["int8_note"] = note
+    if options.budget_ms is not None:
+        measured_ms = measured["latency_built"]["median_ms"]
+        search = search | {"measured_ms": measured_ms, "budget_met": measured_ms <= options.budget_ms}
+    return measured, None, search
+
+
+def _pareto_files(front: dict) -> dict[str, bytes]:
+    """pareto.json and its plot, which is drawn from the JSON alone so it can be redrawn from the file."""
+    from mpqc.report.plots import pareto_plot  # matplotlib only where a plot is drawn
+
+    picture = io.BytesIO()
+    pareto_plot(front, picture)
+    return {"pareto.json": (json.dumps(front, indent=2) + "\n").encode(), "pareto.png": picture.getvalue()}
+
+
+_BUDGET_ROUNDS = 4
+
+
+def _meet_latency_budget(problem, policy, search, lowering, loaded, feeds, budget_ms: float, batch: int):
+    """Measure the chosen policy; while it runs slower than the budget, tighten the ILP's budget
+    by the measured overshoot and solve again. The cost model is validated on random policies, but
+    an optimizer seeks out exactly the policies it underestimates, so the build checks for real."""
+    timing = first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, batch)
+    backend = backend_for(lowering.target)
+    ilp_budget, rounds = budget_ms, []
+    for _ in range(_BUDGET_ROUNDS):
+        runner = backend.load(lowering.lower(policy), lowering.target)
+        measured = measure_latency(runner, timing, warmup=10, runs=50).median_ms
+        rounds.append({"ilp_budget_ms": ilp_budget, "predicted_ms": search["predicted_ms"], "measured_ms": measured})
+        if measured <= budget_ms:
+            break
+        ilp_budget *= budget_ms / measured
+        try:
+            policy, search = problem.solve(ilp_budget)
+        except MpqcError:
+            break  # no tighter policy exists: keep the last one and report the miss
+    search["verification_rounds"] = rounds
+    return policy, search
+
+
+def built_model_proto(model_bytes: bytes) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    return model
+
+
+def _check_rules(backend: Backend, model: onnx.ModelProto, target: Target) -> None:
+    """A model for a target whose runtime has Q/DQ rules must meet them, or it is not written."""
+    violations = backend.violations(model, target)
+    if violations:
+        first = violations[0]
+        raise MpqcError(
+            f"the model breaks {len(violations)} TensorRT rule(s) for target '{target.name}', first: {first.message}"
+        )
+
+
+def _counts(policy: Policy) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, name in policy.assignments:
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _layer_rows(analysis: Analysis, policy: Policy, target: Target) -> list[dict]:
+    rows = analysis.describe_layers(target)
+    for row in rows:
+        row["precision"] = policy.as_dict[row["name"]]
+    return rows
+
+
+def _measure(settings: MeasureSettings, backend: Backend, loaded, target, float_bytes: bytes, model_bytes: bytes, feeds,
+             timings) -> dict:
+    float_runner, built_runner = backend.load(float_bytes, target), backend.load(model_bytes, target)
+    fidelity, timing_feeds = fidelity_against_float(float_runner, built_runner, loaded, feeds, timings)
+    clock = time.perf_counter()
+    batch = first_batch(timing_feeds, settings.batch)
+    fp32 = measure_latency(float_runner, batch, settings.warmup, settings.runs)
+    built = measure_latency(built_runner, batch, settings.warmup, settings.runs)
+    timings["latency_s"] = time.perf_counter() - clock
+    return {
+        "latency_fp32": fp32.to_json(),
+        "latency_built": built.to_json(),
+        "speedup": fp32.median_ms / built.median_ms,
+        "fidelity": fidelity,
+    }
+
+
+def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings) -> tuple[dict, dict[str, np.ndarray]]:
+    """Agreement of the built model with the float one, and the feeds it was measured on: the
+    example's held-out set where the model is a bundled example, else the proxy set. `timings`
+    gets fidelity_s."""
+    clock = time.perf_counter()
+    if loaded.example is not None:
+        eval_feeds, labels = loaded.example.eval_feeds()
+        reference = float_runner.run_batched(eval_feeds)
+        candidate = built_runner.run_batched(eval_feeds)
+        fidelity = {"data": "held-out eval set of the example", "samples": len(reference)}
+        fidelity |= loaded.example.fidelity(reference, candidate, labels)
+        fidelity |= output_agreement(reference, candidate)
+        timing_feeds = eval_feeds
+    else:
+        if not feeds:
+            raise MpqcError("measuring needs input data: pass --proxy DATA.npz or --no-measure")
+        reference, candidate = float_runner.run_batched(feeds), built_runner.run_batched(feeds)
+        fidelity = {"data": "proxy set (no held-out set for this model)", "samples": len(reference)}
+        fidelity |= output_agreement(reference, candidate)
+        timing_feeds = feeds
+    timings["fidelity_s"] = time.perf_counter() - clock
+    return fidelity, timing_feeds
+
+
+def check_out_dir(out: pathlib.Path) -> None:
+    """Replace an earlier build, never a folder of something else."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "build.json").is_file())):
+        raise MpqcError(f"--out '{out}' exists and is not an mpqc build folder; choose a new or empty folder")
+
+
+def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, record: BuildRecord,
+                      extra_files: dict[str, bytes] | None = None) -> None:
+    """The four artifacts of every build, plus `extra_files` (name -> content) when a build has more."""
+    out = out.resolve()
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "model.qdq.onnx").write_bytes(model_bytes)
+        policy.save(staging / "policy.json")
+        record.save(staging / "build.json")
+        (staging / "report.md").write_text(render_report(record))
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,77 @@
+"""What a user asked `mpqc build`/`export` for, and the stage settings derived from it.
+
+BuildOptions mirrors the command line; it stops here. Stages get the frozen values below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mpqc.bench.latency import MeasureSettings
+from mpqc.data.proxy import ProxySource
+from mpqc.errors import MpqcError
+from mpqc.lower.lowering import CalibrationSettings
+from mpqc.search.problem import Budgets
+
+# Options only `--policy search` reads, with the flag that sets each (for the error that names it).
+SEARCH_ONLY = {"method": "--method", "epochs": "--epochs", "gmpq": "--gmpq", "budget_ms": "--budget-ms", "budget_bitops": "--budget-bitops",
+               "budget_bytes": "--budget-bytes", "pareto": "--pareto"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    model: str
+    target: str = "ort-cpu"
+    policy: str = "uniform:w8a8"
+    proxy: str | None = None  # .npz keyed by input name; bundled examples bring their own
+    proxy_limit: int | None = None
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    seed: int = 0
+    evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
+    bias_correction: bool = True
+    # --policy search: the ILP chooses per layer under these budgets (any combination).
+    method: str | None = None  # sensitivity method; None: seam for torch classifiers, else qerror
+    epochs: int = 3  # indicator training passes over the proxy data (limpq, seam)
+    gmpq: bool = False  # add the attribution-imitation term to indicator training
+    budget_ms: float | None = None
+    budget_bitops: float | None = None
+    budget_bytes: float | None = None
+    tables: str | None = None  # folder of latency tables (default: beside the target file)
+    pareto: str | None = None  # "ms", "bitops" or "bytes": also write the loss-vs-cost front of that resource
+    cache_dir: str | None = None  # sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)
+    use_cache: bool = True
+    measure: bool = True  # time FP32 vs built and compute fidelity
+    batch: int = 1
+    runs: int = 100
+    warmup: int = 10
+
+    @property
+    def searches(self) -> bool:
+        return self.policy == "search"
+
+    def search_only_flags_given(self) -> list[str]:
+        """The search-only flags set although the policy is not searched."""
+        defaults = BuildOptions(model=self.model)
+        return [flag for field, flag in SEARCH_ONLY.items() if getattr(self, field) != getattr(defaults, field)]
+
+    def check_consistent(self) -> None:
+        """Refuse options that contradict each other before any work starts."""
+        if self.searches:
+            return
+        given = self.search_only_flags_given()
+        if given:
+            raise MpqcError(f"{', '.join(given)} only apply to --policy search, and the policy is '{self.policy}': "
+                            "drop them, or pass --policy search")
+
+    def proxy_source(self) -> ProxySource:
+        return ProxySource(self.proxy, self.proxy_limit)
+
+    def calibration_settings(self) -> CalibrationSettings:
+        return CalibrationSettings(self.calibration, self.percentile, self.bias_correction)
+
+    def budgets(self) -> Budgets:
+        return Budgets(self.budget_ms, self.budget_bitops, self.budget_bytes)
+
+    def measure_settings(self) -> MeasureSettings:
+        return MeasureSettings(self.batch, self.runs, self.warmup)

@@ -1,0 +1,103 @@
+"""`mpqc profile`: fill the target's latency table for a model, then fit its boundary terms.
+
+On ONNX Runtime each layer signature is timed as a micro-model (mpqc.costmodel.microbench); on
+TensorRT whole engines are profiled layer by layer (mpqc.pipeline.profile_tensorrt). Either way the
+boundary terms are fitted to end-to-end measurements of uniform and random mixed policies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from mpqc.backends.base import backend_for
+from mpqc.bench.inputs import synthetic_feeds
+from mpqc.bench.latency import first_batch, measure_latency
+from mpqc.costmodel.fit import FLOAT_OUTPUT, fit_boundaries, fitting_policies, layer_terms, model_key
+from mpqc.costmodel.microbench import time_layer
+from mpqc.costmodel.table import LatencyTable
+from mpqc.data.proxy import ProxySource, proxy_feeds
+from mpqc.lower.lowering import CalibrationSettings, Lowering
+from mpqc.passes.analysis import Analysis, analyze
+from mpqc.passes.signatures import layer_signature
+from mpqc.policy import Policy
+from mpqc.targets import Target, load_target
+
+
+def costmodel_inputs(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None):
+    """Analysis, target, table and the two data sets profiling and validation need:
+    {"calibration": samples to calibrate the lowering, "timing": one batch to time}."""
+    target = load_target(target_name)
+    analysis = analyze(model)
+    if proxy or analysis.loaded.example is not None:
+        calibration, _ = proxy_feeds(ProxySource(proxy), analysis.loaded)
+    else:  # ranges change numbers, not speed: a fixed-seed synthetic batch is enough to time
+        calibration = synthetic_feeds(analysis.loaded.model, 8)
+    if analysis.loaded.example is not None:
+        timing = first_batch(analysis.loaded.example.eval_feeds()[0], batch)
+    else:
+        timing = synthetic_feeds(analysis.loaded.model, batch)
+    return analysis, target, LatencyTable.for_target(target, tables), {"calibration": calibration, "timing": timing}
+
+
+def profile_layers(analysis: Analysis, target: Target, table: LatencyTable, batch: int, force: bool = False, progress: bool = True) -> dict:
+    """Measure every (signature, deployable precision) the table lacks; returns counts."""
+    work = {}
+    for layer in analysis.layers:
+        signature = layer_signature(analysis.model, layer)
+        for p in target.precisions_for(layer.op_type):
+            work.setdefault((signature.key(), p.name), signature)
+            if p.quantizes_activations and target.quantize_layer_outputs:
+                work.setdefault((signature.key(), p.name + FLOAT_OUTPUT), signature)
+    todo = [(key, p, sig) for (key, p), sig in work.items() if force or table.lookup(key, p, batch) is None]
+    for key, p, signature in tqdm(todo, desc="profiling layers", unit="layer", disable=not progress):
+        name, _, variant = p.partition("~")
+        table.record(key, p, batch, time_layer(signature, name, target, batch, output_read=not variant))
+    return {"distinct": len(work), "measured": len(todo), "reused": len(work) - len(todo)}
+
+
+def measure_model(lowering: Lowering, policy: Policy, feeds: dict, runs: int) -> float:
+    runner = backend_for(lowering.target).load(lowering.lower(policy), lowering.target)
+    return measure_latency(runner, feeds, warmup=10, runs=runs).median_ms
+
+
+def profile(analysis, target, table, feeds, batch: int, calibration: CalibrationSettings = CalibrationSettings(),
+            seed: int = 0, fit_policies: int = 12, runs: int = 50, force: bool = False, progress: bool = True) -> dict:
+    """feeds: {"calibration": arrays to calibrate the lowering, "timing": one batch to time}."""
+    counts = profile_layers(analysis, target, table, batch, force, progress)
+    table.save()
+    key = model_key(analysis, batch)
+    if force or key not in table.models:
+        terms = layer_terms(analysis, target, table, batch)
+        lowering = Lowering.prepare(analysis, target, feeds["calibration"], calibration)
+        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, seed),
+                                           batch, lambda policy: measure_model(lowering, policy, feeds["timing"], runs))
+        table.save()
+    return {"table": str(table.path), "layers": counts, "fit": table.models[key]}
+
+
+def profile_target(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None, *,
+                   fit_policies: int = 12, force: bool = False, progress: bool = True) -> tuple[Target, dict]:
+    """`mpqc profile`: the profiler of the target's backend, on the model's own data."""
+    target = load_target(target_name)
+    profiler = PROFILERS[backend_for(target).name]
+    return target, profiler(model, target_name, proxy, batch, tables, fit_policies=fit_policies, force=force,
+                            progress=progress)
+
+
+def _profile_onnxruntime(model, target_name, proxy, batch, tables, *, fit_policies, force, progress) -> dict:
+    analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables)
+    return profile(analysis, target, table, feeds, batch, fit_policies=fit_policies, force=force, progress=progress)
+
+
+def _profile_tensorrt(model, target_name, proxy, batch, tables, *, fit_policies, force, progress) -> dict:
+    from mpqc.pipeline import profile_tensorrt
+
+    profile_tensorrt.require_tensorrt()  # one clear line before any lowering when TensorRT is missing
+    analysis, target, _, feeds = costmodel_inputs(model, target_name, proxy, batch, tables)
+    return profile_tensorrt.profile_trt(analysis, target, feeds, batch, tables=tables, fit_policies=fit_policies,
+                                        force=force, progress=progress)
+
+
+# backend name -> its profiler.
+PROFILERS = {"onnxruntime": _profile_onnxruntime, "tensorrt": _profile_tensorrt}

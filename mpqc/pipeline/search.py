@@ -1,0 +1,106 @@
+"""`--policy search`: score each layer x precision on the proxy data (or read the scores from the
+cache), price them (measured latency table, BitOps, bytes) and hand the ILP a SearchProblem."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from mpqc.costmodel.fit import latency_model
+from mpqc.costmodel.latency import bitops_and_size
+from mpqc.costmodel.table import LatencyTable
+from mpqc.data.feeds import feeds_sha256
+from mpqc.errors import MpqcError
+from mpqc.passes.analysis import Analysis
+from mpqc.passes.signatures import layer_signature
+from mpqc.pipeline.options import BuildOptions
+from mpqc.search import cache
+from mpqc.search.problem import PARETO_RESOURCES, SearchProblem
+from mpqc.sensitivity.context import SensitivityContext, settings_of
+from mpqc.sensitivity.methods import DEFAULT_METHOD, check_method, score_layers
+from mpqc.targets import Target
+
+
+def resolve_method(method: str | None, module, classifier: bool) -> str:
+    """The method asked for, else DEFAULT_METHOD (seam) for a torch classifier; qerror where there is
+    no torch module (an .onnx file) or the output is not class scores (an embedding model)."""
+    if method is not None:
+        check_method(method)
+        return method
+    return DEFAULT_METHOD if module is not None and classifier else "qerror"
+
+
+def candidates_of(analysis: Analysis, target: Target, evaluate_only: bool) -> dict[str, list[str]]:
+    """Layer -> the precisions the ILP may choose: what the target deploys (or can evaluate)."""
+    return {
+        layer.name: [p.name for p in target.precisions_for(layer.op_type, deployable_only=not evaluate_only)]
+        for layer in analysis.layers
+    }
+
+
+def prepare_search(analysis: Analysis, target: Target, float_model, feeds, options: BuildOptions,
+                   labels: np.ndarray | None = None) -> SearchProblem:
+    method = resolve_method(options.method, analysis.loaded.module, getattr(analysis.loaded.example, "CLASSIFIER", True))
+    budgets = options.budgets()
+    if options.pareto is not None:
+        if options.pareto not in PARETO_RESOURCES:
+            raise MpqcError(f"unknown --pareto resource '{options.pareto}': use one of {', '.join(PARETO_RESOURCES)}")
+        if getattr(budgets, options.pareto) is not None:
+            raise MpqcError(f"--pareto {options.pareto} sweeps that budget itself: drop --budget-{options.pareto}")
+    elif not budgets.any:
+        raise MpqcError("--policy search needs a budget: --budget-ms, --budget-bitops or --budget-bytes (or --pareto)")
+    layers = analysis.layers
+    candidates = candidates_of(analysis, target, options.evaluate_only)
+    latency = None
+    if budgets.ms is not None or options.pareto == "ms":
+        latency = latency_model(analysis, target, LatencyTable.for_target(target, options.tables), options.batch)
+    costs = {
+        (layer.name, p): bitops_and_size(layer_signature(analysis.model, layer), p)
+        for layer in layers for p in candidates[layer.name]
+    }
+    context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels)
+    cache_dir = None if not options.use_cache else (
+        pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir())
+    loss, cached = cached_scores(analysis, context, method, cache_dir)
+    return SearchProblem(
+        layers=layers, ties=analysis.ties, candidates=candidates,
+        loss=loss,
+        scores_cached=cached,
+        latency=latency,
+        bitops={k: v[0] for k, v in costs.items()},
+        size_bytes={k: v[1] for k, v in costs.items()},
+        budgets=budgets,
+        method=method,
+        model=options.model,
+        target=options.target,
+    )
+
+
+def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, candidates, options: BuildOptions,
+                        labels: np.ndarray | None) -> SensitivityContext:
+    loaded = analysis.loaded
+    example = loaded.example
+    return SensitivityContext(
+        float_model=float_model, layers=analysis.layers, candidates=candidates, target=target, feeds=feeds,
+        input_names=tuple(loaded.input_names), module=loaded.module, labels=labels,
+        # Bundled examples say what their output is; other models are taken for classifiers.
+        classifier=getattr(example, "CLASSIFIER", True),
+        seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
+    )
+
+
+def cached_scores(analysis: Analysis, context: SensitivityContext, method: str,
+                  cache_dir: pathlib.Path | None) -> tuple[dict, bool]:
+    """The sensitivity scores, from the cache when an earlier build scored the same inputs
+    (None: no cache). The key holds every setting of the context, so none can be left out."""
+    if cache_dir is None:
+        return score_layers(method, context), False
+    key = cache.score_key(analysis.loaded.sha256(), feeds_sha256(context.feeds), method, context.seed, context.target,
+                          context.candidates, settings_of(context))
+    scores = cache.load_scores(cache_dir, key, context.candidates)
+    if scores is not None:
+        return scores, True
+    scores = score_layers(method, context)
+    cache.save_scores(cache_dir, key, scores)
+    return scores, False

@@ -1,0 +1,129 @@
+"""A scored search problem: loss and costs per layer x precision, solved under budgets.
+
+Scoring is the slow part and depends on no budget, so a problem is solved as often as a budget
+needs adjusting (the latency loop of a build) or swept (the Pareto front).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mpqc.costmodel.latency import LatencyModel
+from mpqc.errors import MpqcError
+from mpqc.policy import Policy
+from mpqc.search.ilp import Solution, pareto, smallest, solve
+
+# --pareto's resource names (the Budgets fields) -> the ILP's resource, its budget argument and
+# Solution's cost field.
+PARETO_RESOURCES = {
+    "ms": ("latency", "latency_budget_ms", "latency_ms"),
+    "bitops": ("bitops", "bitops_budget", "bitops"),
+    "bytes": ("size", "size_budget", "size_bytes"),
+}
+PARETO_POINTS = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    ms: float | None = None  # predicted latency on the target, from its measured table
+    bitops: float | None = None
+    bytes: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchProblem:
+    """Everything but the latency budget actually solved for: scored once, solved many times."""
+
+    layers: list
+    ties: list
+    candidates: dict[str, list[str]]
+    loss: dict
+    latency: LatencyModel | None
+    bitops: dict
+    size_bytes: dict
+    budgets: Budgets
+    method: str  # the sensitivity method used (the user may leave it to mpqc)
+    scores_cached: bool  # the loss came from the score cache rather than from scoring now
+    model: str  # the model spec and target name, for pareto.json
+    target: str
+
+    def _constraints(self, latency_budget_ms: float | None) -> dict:
+        return dict(
+            latency=self.latency, latency_budget_ms=latency_budget_ms,
+            bitops=self.bitops, bitops_budget=self.budgets.bitops,
+            size_bytes=self.size_bytes, size_budget=self.budgets.bytes,
+            ties=self.ties,
+        )
+
+    def _names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def _policy(self, solution: Solution) -> Policy:
+        return Policy(tuple((layer.name, solution.assignments[layer.name]) for layer in self.layers), f"search:{self.method}")
+
+    def _record(self, solution: Solution, latency_budget_ms: float | None) -> dict:
+        return {
+            "method": self.method,
+            "budgets": dataclasses.asdict(self.budgets),
+            "ilp_latency_budget_ms": latency_budget_ms,
+            "objective": solution.objective,
+            "predicted_ms": solution.latency_ms,
+            "solve_seconds": solution.solve_seconds,
+            "scores_cached": self.scores_cached,
+        }
+
+    def solve(self, latency_budget_ms: float | None) -> tuple[Policy, dict]:
+        solution = solve(self._names(), self.candidates, self.loss, **self._constraints(latency_budget_ms))
+        return self._policy(solution), self._record(solution, latency_budget_ms)
+
+    def pareto(self, resource: str) -> tuple[Policy, dict, dict]:
+        """Loss against one resource: the front over PARETO_POINTS budgets evenly spread from the
+        least that resource can cost to what the least-loss policy costs (beyond it nothing improves).
+
+        Returns the policy of the front's middle point with its search record, and pareto.json's content.
+        """
+        ilp_resource, budget_argument, cost_field = PARETO_RESOURCES[resource]
+        constraints = self._constraints(self.budgets.ms)  # the other budgets hold at every point
+        del constraints[budget_argument]  # swept here instead
+        names = self._names()
+        low = smallest(names, self.candidates, ilp_resource, **constraints)
+        high = getattr(solve(names, self.candidates, self.loss, **constraints), cost_field)
+        budgets = [float(b) for b in np.linspace(low, max(low, high), PARETO_POINTS)]
+        front = pareto(names, self.candidates, self.loss, resource=ilp_resource, budgets=budgets, **constraints)
+        if not front:  # only when the solver rejects even the least cost it reported, within its tolerance
+            raise MpqcError(f"no {resource} budget between {low:.6g} and {high:.6g} was feasible for the Pareto front")
+        points = []
+        for solution in front:
+            cost = getattr(solution, cost_field)
+            counts: dict[str, int] = {}
+            for name in solution.assignments.values():
+                counts[name] = counts.get(name, 0) + 1
+            points.append({
+                # The least swept budget this point fits (with the solver's feasibility tolerance).
+                "budget": next((b for b in budgets if cost <= b + 1e-6 * abs(b)), budgets[-1]),
+                "counts": dict(sorted(counts.items())),
+                "objective": solution.objective,
+                "cost": cost,
+                "assignments": solution.assignments,
+            })
+        middle = (len(front) - 1) // 2
+        policy, record = self._policy(front[middle]), self._record(front[middle], self.budgets.ms)
+        record["pareto"] = {"resource": resource, "points": len(points), "built_point": middle, "budget": points[middle]["budget"]}
+        document = {
+            "format": "mpqc.pareto/1",
+            "model": self.model,
+            "target": self.target,
+            "method": self.method,
+            "resource": resource,
+            "other_budgets": {r: getattr(self.budgets, r) for r in PARETO_RESOURCES if r != resource},
+            "budgets": budgets,
+            "built_point": middle,
+            "points": points,
+        }
+        return policy, record, document
