@@ -1,0 +1,87 @@
+"""The drivers' contract: options that contradict each other are one clear line before any work,
+and a build's report is rendered from its record alone."""
+
+import dataclasses
+import json
+
+import pytest
+
+from mpqc.cli import main
+from mpqc.pipeline.build import build
+from mpqc.pipeline.options import SEARCH_ONLY, BuildOptions
+from mpqc.report.markdown import render_report
+from mpqc.report.record import BuildRecord
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mpqc: error: ") and "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags", [["--budget-ms", "5"], ["--budget-bitops", "1e9"], ["--method", "qerror"],
+                                   ["--budget-bytes", "1e4", "--gmpq"]])
+def test_search_flags_on_a_uniform_build_are_one_line_before_any_work(tinynet, tmp_path, capsys, flags):
+    spec, proxy = tinynet
+    assert main(["build", spec, "--proxy", str(proxy), "--policy", "uniform:w8a8", *flags, "--out", "o"]) == 2
+    err = _one_error_line(capsys)
+    assert flags[0] in err and "--policy search" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_refuses_search_flags_and_a_search_policy(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    assert main(["build", spec, "--proxy", str(proxy), "--no-measure", "--out", "a"]) == 0
+    capsys.readouterr()
+    policy = str(tmp_path / "a" / "policy.json")
+    assert main(["export", spec, "--proxy", str(proxy), "--policy", policy, "--budget-ms", "5", "--out", "b"]) == 2
+    assert "--budget-ms" in _one_error_line(capsys)
+    assert main(["export", spec, "--proxy", str(proxy), "--policy", "search", "--budget-ms", "5", "--out", "b"]) == 2
+    assert "never searches" in _one_error_line(capsys)
+    assert not (tmp_path / "b").exists()
+
+
+def test_every_search_only_option_is_known_to_build_options():
+    fields = {field.name for field in dataclasses.fields(BuildOptions)}
+    assert set(SEARCH_ONLY) <= fields
+    assert BuildOptions(model="m", policy="search", budget_ms=5).search_only_flags_given() == ["--budget-ms"]
+    BuildOptions(model="m", policy="search", budget_ms=5).check_consistent()  # a search may take them all
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "trt-a100"])
+def test_mpqc_report_re_renders_the_builds_own_report_byte_for_byte(tinynet, tmp_path, capsys, target):
+    spec, proxy = tinynet
+    assert main(["build", spec, "--proxy", str(proxy), "--target", target, "--runs", "3", "--warmup", "1", "--out", "o"]) == 0
+    capsys.readouterr()
+    built = (tmp_path / "o" / "report.md").read_bytes()
+    (tmp_path / "o" / "report.md").unlink()
+    assert main(["report", "o"]) == 0
+    assert (tmp_path / "o" / "report.md").read_bytes() == built
+    assert ("## Latency" in built.decode()) == (target == "ort-cpu")  # both renderings were exercised
+
+
+def test_a_build_record_saves_and_loads_unchanged(tinynet, tmp_path):
+    spec, proxy = tinynet
+    record = build(BuildOptions(model=spec, proxy=str(proxy), measure=False), None)
+    record.save(tmp_path / "build.json")
+    written = json.loads((tmp_path / "build.json").read_text())
+    loaded = BuildRecord.load(tmp_path / "build.json")
+    assert loaded.to_json() == written == json.loads(json.dumps(record.to_json()))  # tuples come back as lists
+    assert list(written)[:2] == ["format", "model"]
+    assert render_report(loaded) == render_report(record)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "does not exist"),
+    (b"{\"format\": \"mpqc.build/1\"", "cannot be read as JSON"),
+    (b"\xff\xfe not utf-8", "cannot be read as JSON"),
+    (b"[1, 2]", "is not an mpqc build record"),
+    (b"{\"format\": \"mpqc.build/1\", \"model\": {}}", "missing"),
+])
+def test_report_on_a_folder_that_is_no_build_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "d").mkdir()
+    if content is not None:
+        (tmp_path / "d" / "build.json").write_bytes(content)
+    assert main(["report", str(tmp_path / "d")]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "d" / "report.md").exists()
