@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 
@@ -176,7 +177,7 @@ def cmd_profile(args) -> dict:
     from mpqc.pipeline.profile import profile_target
 
     target, result = profile_target(args.model, args.target, args.proxy, args.batch, args.tables,
-                                    fit_policies=args.fit_policies, force=args.force, progress=not args.json)
+                                    shapes=dict(args.shape), fit_policies=args.fit_policies, force=args.force, progress=not args.json)
     counts, fit = result["layers"], result["fit"]
     result["_text"] = (
         f"profiled {args.model} on {target.name} ({target.backend}, batch {args.batch}): {counts['distinct']} layer measurements, "
@@ -193,7 +194,8 @@ def cmd_validate(args) -> dict:
     from mpqc.pipeline.validate import validate_to_folder
 
     out = pathlib.Path(args.out).resolve()
-    result = validate_to_folder(args.model, args.target, args.proxy, args.batch, args.tables, out, policies=args.policies,
+    result = validate_to_folder(args.model, args.target, args.proxy, args.batch, args.tables, out, dict(args.shape),
+                                policies=args.policies,
                                 runs=args.runs, noise_repeats=args.noise_repeats)
     p, b = result["prediction"], result["bitops"]
     text = (
@@ -212,21 +214,22 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="ort-cpu", help="target name or .toml path (default: ort-cpu)")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--proxy", help="proxy data .npz keyed by input name (bundled examples bring their own)")
-    parser.add_argument("--proxy-limit", type=int, help="use only the first N proxy samples")
+    parser.add_argument("--proxy-limit", type=_int_range(1, 10**9), help="use only the first N proxy samples")
     parser.add_argument("--calibration", default="minmax", choices=["minmax", "percentile"])
-    parser.add_argument("--percentile", type=float, default=99.99)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--percentile", type=_float_range(50.0, 100.0), default=99.99,
+                        help="--calibration percentile: the activation percentile kept, in [50, 100]")
+    parser.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
     parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
     from mpqc.sensitivity.methods import METHODS
 
     parser.add_argument("--method", choices=list(METHODS),
                         help="sensitivity for --policy search (default: seam for torch classifiers, else qerror)")
-    parser.add_argument("--epochs", type=int, default=3, help="indicator training passes over the proxy data (seam, limpq)")
+    parser.add_argument("--epochs", type=_int_range(0, 10_000), default=3, help="indicator training passes over the proxy data (seam, limpq)")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
-    parser.add_argument("--budget-ms", type=float, help="latency budget on the target, from its measured table")
-    parser.add_argument("--budget-bitops", type=float, help="BitOps budget (MACs x weight bits x activation bits)")
-    parser.add_argument("--budget-bytes", type=float, help="weight size budget in bytes")
+    parser.add_argument("--budget-ms", type=_float_range(0.0, 1e9, low_open=True), help="latency budget on the target, from its measured table")
+    parser.add_argument("--budget-bitops", type=_float_range(0.0, 1e30, low_open=True), help="BitOps budget (MACs x weight bits x activation bits)")
+    parser.add_argument("--budget-bytes", type=_float_range(0.0, 1e15, low_open=True), help="weight size budget in bytes")
     parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
     parser.add_argument("--no-measure", action="store_true", help="skip latency and fidelity measurement")
     parser.add_argument("--cache-dir", help="sensitivity score cache for --policy search (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")
@@ -235,21 +238,77 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=_int_range(1, MAX_BATCH), default=1, help="samples per timed run")
+    parser.add_argument("--runs", type=_int_range(1, MAX_RUNS), default=100, help="timed runs")
+    parser.add_argument("--warmup", type=_int_range(0, MAX_RUNS), default=10, help="untimed runs first")
 
 
 def _add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="bundled example name, model.onnx, or package.module:factory")
     parser.add_argument("--target", default="ort-cpu")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--proxy", help="calibration data .npz (default: the example's, or synthetic)")
+    parser.add_argument("--batch", type=_int_range(1, MAX_BATCH), default=1)
+    parser.add_argument("--proxy", help="calibration data .npz (default: the example's, or synthetic); "
+                                         "its arrays also fix an input's symbolic dimensions")
+    parser.add_argument("--shape", action="append", type=_shape, default=[], metavar="NAME:DIMS",
+                        help="fix a symbolic input's dimensions, e.g. input:1x3x224x224 (the first stays the batch)")
     parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
 
 
+# Bounds of the timing options: more runs or a larger batch than this is a typo, not a measurement,
+# and would hang or allocate without end.
+MAX_RUNS = 100_000
+MAX_BATCH = 4096
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with mpqc's error form: one line, `mpqc: error: ...`, status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("mpqc").strip()
+        self.exit(2, f"mpqc: error: {command + ': ' if command else ''}{message}; see '{self.prog} --help'\n")
+
+
+def _int_range(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_range(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not (low < value if low_open else low <= value) or not value <= high:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    from mpqc.frontend.shapes import parse_shape
+
+    try:
+        return parse_shape(text)
+    except MpqcError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpqc", description="mixed-precision quantization compiler")
+    parser = _Parser(prog="mpqc", description="mixed-precision quantization compiler")
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="choose a policy, lower it, write and measure the artifacts")
@@ -279,7 +338,7 @@ def make_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="measure per-layer latency tables for a model on a target")
     _add_costmodel_arguments(profile)
     profile.add_argument("--force", action="store_true", help="measure again what the table already has")
-    profile.add_argument("--fit-policies", type=int, default=12, help="random policies measured to fit boundary terms")
+    profile.add_argument("--fit-policies", type=_int_range(0, 1000), default=12, help="random policies measured to fit boundary terms")
     profile.set_defaults(handler=cmd_profile)
 
     check = sub.add_parser("check", help="check a QDQ model against TensorRT's explicit-quantization rules (no TensorRT needed)")
@@ -294,9 +353,9 @@ def make_parser() -> argparse.ArgumentParser:
     costmodel = sub.add_parser("costmodel", help="cost-model tools").add_subparsers(dest="costmodel_command", required=True)
     validate = costmodel.add_parser("validate", help="predicted vs measured latency over random policies")
     _add_costmodel_arguments(validate)
-    validate.add_argument("--policies", type=int, default=30)
-    validate.add_argument("--runs", type=int, default=50)
-    validate.add_argument("--noise-repeats", type=int, default=5)
+    validate.add_argument("--policies", type=_int_range(1, 10_000), default=30, help="random mixed policies measured")
+    validate.add_argument("--runs", type=_int_range(1, MAX_RUNS), default=50, help="timed runs per measurement")
+    validate.add_argument("--noise-repeats", type=_int_range(2, 100), default=5, help="repeated measurements for the noise floor")
     validate.add_argument("--out", required=True, help="folder for validation.json and validation.png")
     validate.set_defaults(handler=cmd_validate)
 
@@ -306,17 +365,65 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         result = args.handler(args)
     except MpqcError as exc:
+        if _interrupted_inside(exc):  # a library turned Ctrl-C into an error of its own
+            return _interrupted()
         if getattr(args, "json", False):
             print(json.dumps({"error": str(exc)}))
         print(f"mpqc: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
+    except Exception as exc:  # a bug, not a user error: one line, and the traceback where asked for
+        if _interrupted_inside(exc):
+            return _interrupted()
+        if os.environ.get("MPQC_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"mpqc: internal error: {type(exc).__name__}: {message}; rerun with MPQC_DEBUG=1 for the traceback "
+              "and report it", file=sys.stderr)
+        return 70  # EX_SOFTWARE
     text, status = result.pop("_text"), result.pop("_exit", 0)
     print(json.dumps(result, indent=None if args.json else 2) if args.json else text)
+    sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
     return status
+
+
+def _interrupted_inside(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _interrupted() -> int:
+    print("mpqc: interrupted", file=sys.stderr)
+    return 130
+
+
+def _reader_left() -> int:
+    """The reader of stdout went away (`mpqc inspect m.onnx | head -1`): stop quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+    return 0
 
 
 if __name__ == "__main__":

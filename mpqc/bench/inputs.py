@@ -8,7 +8,8 @@ import onnx
 from mpqc.errors import MpqcError
 
 
-def synthetic_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_feeds(model: onnx.ModelProto, batch: int, seed: int = 0,
+                    hint: str = "pass --data DATA.npz with real inputs") -> dict[str, np.ndarray]:
     """Fixed-seed inputs: normal floats, ones for integer inputs (valid ids and full attention masks)."""
     rng = np.random.default_rng(seed)
     initializers = {i.name for i in model.graph.initializer}
@@ -24,7 +25,7 @@ def synthetic_feeds(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[s
             elif axis == 0:
                 shape.append(batch)
             else:
-                raise MpqcError(f"input '{info.name}' has a symbolic dimension {axis}; pass --data DATA.npz with real inputs")
+                raise MpqcError(f"input '{info.name}' has a symbolic dimension {axis}; {hint}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[info.name] = rng.standard_normal(shape).astype(dtype)

@@ -13,8 +13,6 @@ import io
 import json
 import pathlib
 import random
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -28,6 +26,7 @@ from mpqc.bench.latency import MeasureSettings, first_batch, measure_latency
 from mpqc.data.feeds import feeds_sha256
 from mpqc.data.proxy import proxy_feeds, proxy_labels
 from mpqc.errors import MpqcError
+from mpqc.files import check_output_folder, replace_folder
 from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import Analysis, analyze
 from mpqc.pipeline.options import BuildOptions
@@ -256,27 +255,20 @@ def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings) -
 
 def check_out_dir(out: pathlib.Path) -> None:
     """Replace an earlier build, never a folder of something else."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "build.json").is_file())):
-        raise MpqcError(f"--out '{out}' exists and is not an mpqc build folder; choose a new or empty folder")
+    check_output_folder(out, "build.json", "mpqc build")
 
 
 def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, record: BuildRecord,
                       extra_files: dict[str, bytes] | None = None) -> None:
     """The four artifacts of every build, plus `extra_files` (name -> content) when a build has more."""
-    out = out.resolve()
-    check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    check_out_dir(out.resolve())
+
+    def fill(staging: pathlib.Path) -> None:
         (staging / "model.qdq.onnx").write_bytes(model_bytes)
         policy.save(staging / "policy.json")
         record.save(staging / "build.json")
         (staging / "report.md").write_text(render_report(record))
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_folder(out, fill)

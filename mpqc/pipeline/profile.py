@@ -7,7 +7,9 @@ boundary terms are fitted to end-to-end measurements of uniform and random mixed
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+from collections.abc import Mapping
+
 from tqdm import tqdm
 
 from mpqc.backends.base import backend_for
@@ -17,27 +19,57 @@ from mpqc.costmodel.fit import FLOAT_OUTPUT, fit_boundaries, fitting_policies, l
 from mpqc.costmodel.microbench import time_layer
 from mpqc.costmodel.table import LatencyTable
 from mpqc.data.proxy import ProxySource, proxy_feeds
+from mpqc.errors import MpqcError
+from mpqc.frontend.resolve import resolve_model
+from mpqc.frontend.shapes import symbolic_inputs, with_input_shapes
 from mpqc.lower.lowering import CalibrationSettings, Lowering
-from mpqc.passes.analysis import Analysis, analyze
+from mpqc.passes.analysis import Analysis, analyze_loaded
 from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.targets import Target, load_target
 
 
-def costmodel_inputs(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None):
+_SHAPE_HINT = "pass its shape with --shape NAME:DIMS (e.g. input:1x3x224x224) or real inputs with --proxy DATA.npz"
+
+
+def costmodel_inputs(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None,
+                     shapes: Mapping[str, tuple[int, ...]] | None = None):
     """Analysis, target, table and the two data sets profiling and validation need:
-    {"calibration": samples to calibrate the lowering, "timing": one batch to time}."""
+    {"calibration": samples to calibrate the lowering, "timing": one batch to time}.
+
+    Symbolic input dimensions besides the batch are fixed from `shapes`, else from the proxy arrays.
+    """
     target = load_target(target_name)
-    analysis = analyze(model)
-    if proxy or analysis.loaded.example is not None:
-        calibration, _ = proxy_feeds(ProxySource(proxy), analysis.loaded)
-    else:  # ranges change numbers, not speed: a fixed-seed synthetic batch is enough to time
-        calibration = synthetic_feeds(analysis.loaded.model, 8)
+    loaded = resolve_model(model)
+    proxied = proxy is not None or loaded.example is not None
+    calibration = proxy_feeds(ProxySource(proxy), loaded)[0] if proxied else None
+    fixed = dict(shapes or {})
+    if proxy is not None:  # only where the model leaves a size open: a model's own shapes key its table
+        dynamic = symbolic_inputs(loaded.model)
+        fixed = {name: tuple(array.shape) for name, array in calibration.items() if name in dynamic} | fixed
+    if fixed:
+        loaded = dataclasses.replace(loaded, model=with_input_shapes(loaded.model, fixed, model))
+    analysis = analyze_loaded(loaded)
+    _require_concrete_layers(analysis)
+    if calibration is None:  # ranges change numbers, not speed: a fixed-seed synthetic batch is enough to time
+        calibration = synthetic_feeds(analysis.loaded.model, 8, hint=_SHAPE_HINT)
     if analysis.loaded.example is not None:
         timing = first_batch(analysis.loaded.example.eval_feeds()[0], batch)
+    elif proxy is not None:
+        timing = first_batch(calibration, batch)
     else:
-        timing = synthetic_feeds(analysis.loaded.model, batch)
+        timing = synthetic_feeds(analysis.loaded.model, batch, hint=_SHAPE_HINT)
     return analysis, target, LatencyTable.for_target(target, tables), {"calibration": calibration, "timing": timing}
+
+
+def _require_concrete_layers(analysis: Analysis) -> None:
+    """A latency table is measured at real sizes: every layer dimension but the batch must be known."""
+    for layer in analysis.layers:
+        signature = layer_signature(analysis.model, layer)
+        for what, shape in (("input", signature.input_shape), ("output", signature.output_shape)):
+            if any(isinstance(d, str) for d in shape[1:]):
+                raise MpqcError(f"layer '{layer.name}' has a symbolic {what} dimension ({'x'.join(map(str, shape))}); "
+                                + _SHAPE_HINT)
 
 
 def profile_layers(analysis: Analysis, target: Target, table: LatencyTable, batch: int, force: bool = False, progress: bool = True) -> dict:
@@ -77,24 +109,25 @@ def profile(analysis, target, table, feeds, batch: int, calibration: Calibration
 
 
 def profile_target(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None, *,
-                   fit_policies: int = 12, force: bool = False, progress: bool = True) -> tuple[Target, dict]:
+                   shapes: Mapping[str, tuple[int, ...]] | None = None, fit_policies: int = 12, force: bool = False,
+                   progress: bool = True) -> tuple[Target, dict]:
     """`mpqc profile`: the profiler of the target's backend, on the model's own data."""
     target = load_target(target_name)
     profiler = PROFILERS[backend_for(target).name]
-    return target, profiler(model, target_name, proxy, batch, tables, fit_policies=fit_policies, force=force,
-                            progress=progress)
+    return target, profiler(model, target_name, proxy, batch, tables, shapes=shapes, fit_policies=fit_policies,
+                            force=force, progress=progress)
 
 
-def _profile_onnxruntime(model, target_name, proxy, batch, tables, *, fit_policies, force, progress) -> dict:
-    analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables)
+def _profile_onnxruntime(model, target_name, proxy, batch, tables, *, shapes, fit_policies, force, progress) -> dict:
+    analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables, shapes)
     return profile(analysis, target, table, feeds, batch, fit_policies=fit_policies, force=force, progress=progress)
 
 
-def _profile_tensorrt(model, target_name, proxy, batch, tables, *, fit_policies, force, progress) -> dict:
+def _profile_tensorrt(model, target_name, proxy, batch, tables, *, shapes, fit_policies, force, progress) -> dict:
     from mpqc.pipeline import profile_tensorrt
 
     profile_tensorrt.require_tensorrt()  # one clear line before any lowering when TensorRT is missing
-    analysis, target, _, feeds = costmodel_inputs(model, target_name, proxy, batch, tables)
+    analysis, target, _, feeds = costmodel_inputs(model, target_name, proxy, batch, tables, shapes)
     return profile_tensorrt.profile_trt(analysis, target, feeds, batch, tables=tables, fit_policies=fit_policies,
                                         force=force, progress=progress)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -24,6 +22,7 @@ from mpqc.costmodel.fit import latency_model
 from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.policies import random_policy, uniform_policies
 from mpqc.costmodel.table import LatencyTable
+from mpqc.files import check_output_folder, replace_folder
 from mpqc.lower.lowering import CalibrationSettings, Lowering
 from mpqc.passes.analysis import Analysis
 from mpqc.passes.signatures import layer_signature
@@ -123,18 +122,19 @@ def _noise_floor(lowering: Lowering, policies, feeds, runs: int, repeats: int) -
 
 
 def validate_to_folder(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None,
-                       out: pathlib.Path, **settings) -> dict:
+                       out: pathlib.Path, shapes=None, **settings) -> dict:
     """`mpqc costmodel validate`: validate() on the model's own data, written to `out`
-    (validation.json and validation.png, through a staging folder renamed at the end)."""
+    (validation.json and validation.png, through a staging folder renamed at the end). An `out`
+    that holds anything but an earlier validation is refused before any measurement."""
     from mpqc.report.plots import validation_scatter  # matplotlib only where a plot is drawn
 
-    analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables)
+    check_output_folder(out, "validation.json", "mpqc costmodel validate")
+    analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables, shapes)
     result = validate(analysis, target, table, feeds["calibration"], feeds["timing"], batch, **settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    (staging / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
-    validation_scatter(result, staging / "validation.png")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+
+    def fill(staging: pathlib.Path) -> None:
+        (staging / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
+        validation_scatter(result, staging / "validation.png")
+
+    replace_folder(out, fill)
     return result
