@@ -8,7 +8,7 @@ import pathlib
 
 from mpqc.errors import MpqcError
 from mpqc.passes.layers import Layer
-from mpqc.precision import Precision, precision
+from mpqc.precision import PRECISIONS, Precision, precision
 from mpqc.targets import Target
 
 
@@ -32,17 +32,40 @@ class Policy:
 
     @staticmethod
     def load(path: str | pathlib.Path) -> dict[str, str]:
+        """A policy file's layer -> precision name map, every name a precision mpqc knows."""
         path = pathlib.Path(path)
+        layers = _read_policy(path).get("layers")
+        if not isinstance(layers, dict):
+            raise _not_a_policy(path)
+        for layer, name in layers.items():
+            if not isinstance(name, str):
+                raise MpqcError(f"'{path}': \"layers\" must map layer names to precision names; "
+                                f"layer {layer!r} has {json.dumps(name)[:40]}")
+            if name not in PRECISIONS:
+                raise MpqcError(f"'{path}': \"layers\" gives layer {layer!r} the unknown precision {name!r}; "
+                                f"use {', '.join(PRECISIONS)}")
+        return layers
+
+
+def _not_a_policy(path: pathlib.Path) -> MpqcError:
+    return MpqcError(f"'{path}' is not an mpqc policy (expected JSON with a \"layers\" object)")
+
+
+def _read_policy(path: pathlib.Path) -> dict:
+    """The file's JSON object; anything unreadable (missing, too long a name, not UTF-8 JSON) is one error."""
+    try:
         if not path.is_file():
             raise MpqcError(f"policy file '{path}' does not exist")
-        try:
-            data = json.loads(path.read_text())
-            layers = data["layers"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MpqcError(f"'{path}' is not an mpqc policy (expected JSON with a \"layers\" object)") from None
-        if not isinstance(layers, dict) or not all(isinstance(v, str) for v in layers.values()):
-            raise MpqcError(f"'{path}': \"layers\" must map layer names to precision names")
-        return layers
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise MpqcError(f"policy file '{path}' cannot be read ({exc.strerror or exc}); check the path") from None
+    except UnicodeDecodeError:
+        raise MpqcError(f"policy file '{path}' is not UTF-8 text; an mpqc policy is UTF-8 JSON") from None
+    except (json.JSONDecodeError, RecursionError):  # Python's json recurses once per nesting level
+        raise _not_a_policy(path) from None
+    if not isinstance(data, dict):
+        raise _not_a_policy(path)
+    return data
 
 
 def resolve_policy(

@@ -43,6 +43,28 @@ class Plugins:
 
 _GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
+# Inclusive bounds of the [runtime] integers. Threads: ONNX Runtime starts as many as asked (0 is
+# its own choice), and 100000 threads exhaust the process limit long before they help; 1024 is
+# above any CPU ONNX Runtime runs on, and a fixed bound (not os.cpu_count()) keeps one target file
+# valid on every machine. Workspace: a memory pool limit passed to TensorRT in bytes; 1 TiB is
+# above any GPU's memory and keeps MiB * 2**20 within its 64-bit size. Builder optimization
+# levels: TensorRT's 0..5. Max batch: the optimization profile's largest batch sizes the
+# engine's activation memory; 4096 is past any batch mpqc times (a larger --batch still widens
+# the profile of its own run).
+_RUNTIME_RANGES = {
+    "intra_op_num_threads": (0, 1024),
+    "inter_op_num_threads": (0, 1024),
+    "workspace_mib": (1, 2**20),
+    "builder_optimization_level": (0, 5),
+    "max_batch": (1, 4096),
+}
+# [lowering] int4_block_size per backend: ONNX Runtime fuses block-wise INT4 weights into
+# MatMulNBits only for a power-of-two block of 16 to 256 (its MLAS kernels' block lengths);
+# TensorRT takes 64 or 128 (mpqc.backends.tensorrt.rules.INT4_BLOCK_SIZES, not imported here:
+# that package imports this module).
+_INT4_BLOCK_SIZES = {"onnxruntime": (16, 32, 64, 128, 256), "tensorrt": (64, 128)}
+_LOWERING_KEYS = ("quantize_layer_outputs", "activation_type", "int4_block_size", "float_type")
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -75,6 +97,14 @@ class Target:
 
 
 def find_target_file(name_or_path: str) -> pathlib.Path:
+    try:
+        return _find_target_file(name_or_path)
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        reason = getattr(exc, "strerror", None) or exc
+        raise MpqcError(f"target '{name_or_path}' cannot be looked up ({reason}); give a bundled name or a path to a .toml file") from None
+
+
+def _find_target_file(name_or_path: str) -> pathlib.Path:
     candidate = pathlib.Path(name_or_path)
     if candidate.suffix == ".toml":
         if candidate.is_file():
@@ -90,26 +120,24 @@ def find_target_file(name_or_path: str) -> pathlib.Path:
 
 def load_target(name_or_path: str) -> Target:
     path = find_target_file(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise MpqcError(f"target file '{path}' is not valid TOML: {exc}") from None
+    data = _read_toml(path)
+    backend = _string(data, "backend", "onnxruntime", path)
     lowering = data.get("lowering", {})
-    deploy = {op: tuple(names) for op, names in data.get("deploy", {}).items()}
-    evaluate = {op: tuple(names) for op, names in data.get("evaluate", deploy).items()}
-    for table in (deploy, evaluate):
-        for op, names in table.items():
-            unknown = [n for n in names if n not in PRECISIONS]
-            if unknown:
-                raise MpqcError(f"target '{path}' lists unknown precision(s) {unknown} for {op}")
+    if not isinstance(lowering, dict):
+        raise MpqcError(f"target '{path}': [lowering] must be a table")
+    unknown = sorted(set(lowering) - set(_LOWERING_KEYS))
+    if unknown:
+        raise MpqcError(f"target '{path}': unknown [lowering] key(s) {', '.join(unknown)}; known: {', '.join(_LOWERING_KEYS)}")
+    deploy = _precision_table(data.get("deploy", {}), "deploy", path)
+    evaluate = _precision_table(data["evaluate"], "evaluate", path) if "evaluate" in data else deploy
     return Target(
-        name=data.get("name", path.stem),
-        backend=data.get("backend", "onnxruntime"),
-        device=data.get("device", "cpu"),
+        name=_string(data, "name", path.stem, path),
+        backend=backend,
+        device=_string(data, "device", "cpu", path),
         runtime=_section(Runtime, data.get("runtime", {}), "runtime", path),
-        quantize_layer_outputs=bool(lowering.get("quantize_layer_outputs", False)),
+        quantize_layer_outputs=_quantize_layer_outputs(lowering.get("quantize_layer_outputs", False), path),
         activation_type=_activation_type(lowering.get("activation_type", "int8"), path),
-        int4_block_size=int(lowering.get("int4_block_size", 64)),
+        int4_block_size=_int4_block_size(lowering.get("int4_block_size", 64), backend, path),
         float_type=_float_type(lowering.get("float_type", "float32"), path),
         deploy=deploy,
         evaluate=evaluate,
@@ -118,15 +146,65 @@ def load_target(name_or_path: str) -> Target:
     )
 
 
+def _read_toml(path: pathlib.Path) -> dict:
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise MpqcError(f"target file '{path}' cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise MpqcError(f"target file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MpqcError(f"target file '{path}' is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise MpqcError(f"target file '{path}' is not valid TOML: it nests too deeply") from None
+
+
+def _string(data: dict, key: str, default: str, path: pathlib.Path) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise MpqcError(f"target '{path}': {key} must be a non-empty string, not {value!r}")
+    # The name is also the folder of the target's latency tables, beside the file.
+    if key == "name" and not _is_plain_name(value):
+        raise MpqcError(f"target '{path}': name must be a plain name without folders, not {value!r}")
+    return value
+
+
+def _precision_table(table, section: str, path: pathlib.Path) -> dict[str, tuple[str, ...]]:
+    """[deploy] or [evaluate]: op type -> list of precision names, every name known."""
+    if not isinstance(table, dict):
+        raise MpqcError(f"target '{path}': [{section}] must be a table of op type -> list of precision names, not {table!r}")
+    for op, names in table.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise MpqcError(f"target '{path}': [{section}] {op!r} must be a list of precision names, not {names!r}")
+        unknown = [n for n in names if n not in PRECISIONS]
+        if unknown:
+            raise MpqcError(f"target '{path}': [{section}] {op!r} lists unknown precision(s) {unknown}; use {', '.join(PRECISIONS)}")
+    return {op: tuple(names) for op, names in table.items()}
+
+
+def _quantize_layer_outputs(value, path: pathlib.Path) -> bool:
+    if not isinstance(value, bool):
+        raise MpqcError(f"target '{path}': [lowering] quantize_layer_outputs must be true or false, not {value!r}")
+    return value
+
+
+def _int4_block_size(value, backend: str, path: pathlib.Path) -> int:
+    allowed = _INT4_BLOCK_SIZES.get(backend, _INT4_BLOCK_SIZES["onnxruntime"])
+    if not isinstance(value, int) or isinstance(value, bool) or value not in allowed:
+        raise MpqcError(f"target '{path}': [lowering] int4_block_size must be one of "
+                        f"{', '.join(map(str, allowed))} for backend {backend}, not {value!r}")
+    return value
+
+
 def _activation_type(name: str, path: pathlib.Path) -> str:
     if name not in ("int8", "uint8"):
-        raise MpqcError(f"target '{path}': activation_type must be int8 or uint8, not '{name}'")
+        raise MpqcError(f"target '{path}': [lowering] activation_type must be int8 or uint8, not {name!r}")
     return name
 
 
 def _float_type(name: str, path: pathlib.Path) -> str:
     if name not in ("float32", "float16"):
-        raise MpqcError(f"target '{path}': float_type must be float32 or float16, not '{name}'")
+        raise MpqcError(f"target '{path}': [lowering] float_type must be float32 or float16, not {name!r}")
     return name
 
 
@@ -144,10 +222,28 @@ def _section(kind, values, section: str, path: pathlib.Path):
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)) or not isinstance(value, expected):
             raise MpqcError(f"target '{path}': [{section}] {name} must be {expected.__name__}, not {value!r}")
     section_value = kind(**values)
-    if isinstance(section_value, Runtime):
-        if section_value.graph_optimization_level not in _GRAPH_OPTIMIZATION_LEVELS:
-            raise MpqcError(f"target '{path}': [runtime] graph_optimization_level must be one of "
-                            f"{', '.join(_GRAPH_OPTIMIZATION_LEVELS)}, not '{section_value.graph_optimization_level}'")
-        config = {key: str(value) for key, value in section_value.session_config.items()}
-        section_value = dataclasses.replace(section_value, session_config=config)
-    return section_value
+    return _check_runtime(section_value, path) if isinstance(section_value, Runtime) else section_value
+
+
+def _check_runtime(runtime: Runtime, path: pathlib.Path) -> Runtime:
+    """Ranges and choices of the [runtime] values, once their types are known to be right."""
+    for name, (low, high) in _RUNTIME_RANGES.items():
+        value = getattr(runtime, name)
+        if not low <= value <= high:
+            raise MpqcError(f"target '{path}': [runtime] {name} must be between {low} and {high}, not {value}")
+    if runtime.graph_optimization_level not in _GRAPH_OPTIMIZATION_LEVELS:
+        raise MpqcError(f"target '{path}': [runtime] graph_optimization_level must be one of "
+                        f"{', '.join(_GRAPH_OPTIMIZATION_LEVELS)}, not '{runtime.graph_optimization_level}'")
+    # The cache's name is joined to the tables folder: a path here would write outside it.
+    if runtime.timing_cache is not None and not _is_plain_name(runtime.timing_cache):
+        raise MpqcError(f"target '{path}': [runtime] timing_cache must be a file name without folders, not '{runtime.timing_cache}'")
+    for key, value in runtime.session_config.items():
+        if isinstance(value, (dict, list)):
+            raise MpqcError(f"target '{path}': [runtime] session_config entry '{key}' must be a string, not {value!r}")
+    config = {key: str(value) for key, value in runtime.session_config.items()}
+    return dataclasses.replace(runtime, session_config=config)
+
+
+def _is_plain_name(value: str) -> bool:
+    """A file or folder name, not a path: joined to a folder, it stays inside that folder."""
+    return value not in ("", ".", "..") and not any(c in value for c in "/\\\0")

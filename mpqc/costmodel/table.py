@@ -11,7 +11,9 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import pathlib
+import re
 
 from mpqc.backends.base import backend_for
 from mpqc.errors import MpqcError
@@ -47,15 +49,19 @@ class LatencyTable:
         print_ = fingerprint(target)
         folder = pathlib.Path(folder) if folder else target.path.parent / target.name
         path = folder / f"{fingerprint_id(print_)}.json"
-        if not path.is_file():
-            return cls(path, print_, {}, {})
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise MpqcError(f"latency table '{path}' is not valid JSON; delete it and run 'mpqc profile' again") from None
+            if folder.exists() and not folder.is_dir():
+                raise MpqcError(f"latency tables folder '{folder}' is a file; "
+                                f"give --tables a folder (one table per machine lives there)")
+            if not path.is_file():
+                return cls(path, print_, {}, {})
+            data = _read_json(path)
+        except OSError as exc:
+            raise MpqcError(f"latency table '{path}' cannot be read ({exc.strerror or exc}); "
+                            f"check --tables and its permissions") from None
         if data.get("fingerprint") != print_:
             raise MpqcError(f"latency table '{path}' was measured on another machine, GPU or runtime; run 'mpqc profile' here")
-        return cls(path, print_, data.get("entries", {}), data.get("models", {}))
+        return cls(path, print_, _entries(data.get("entries", {}), path), _models(data.get("models", {}), path))
 
     def lookup(self, signature_key: str, precision: str, batch: int) -> float | None:
         entry = self.entries.get(entry_key(signature_key, precision, batch))
@@ -75,3 +81,61 @@ class LatencyTable:
             "models": dict(sorted(self.models.items())),
         }
         write_atomically(self.path, json.dumps(data, indent=1) + "\n")  # an interrupted profile leaves no torn table
+
+
+_AGAIN = "delete it and run 'mpqc profile' again"  # a table is only ever written by mpqc profile
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+# The keys of a model fit's boundary terms: whether producer and consumer quantize activations, 0 or 1.
+_EDGE_KIND = re.compile(r"[01][01]")
+
+
+def _broken(path: pathlib.Path, field_problem: str) -> MpqcError:
+    return MpqcError(f"latency table '{path}': {field_problem}; {_AGAIN}")
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MpqcError(f"latency table '{path}' is not UTF-8 text; {_AGAIN}") from None
+    except json.JSONDecodeError:
+        raise MpqcError(f"latency table '{path}' is not valid JSON; {_AGAIN}") from None
+    except RecursionError:  # Python's json recurses once per nesting level
+        raise MpqcError(f"latency table '{path}' nests too deeply to be a latency table; {_AGAIN}") from None
+    if not isinstance(data, dict):
+        raise MpqcError(f"latency table '{path}' holds a JSON {_JSON_KINDS[type(data)]}, not an object with "
+                        f"\"fingerprint\", \"entries\" and \"models\"; {_AGAIN}")
+    return data
+
+
+def _milliseconds(value) -> bool:
+    """A number a latency can be: finite (JSON admits NaN and Infinity) and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entries(entries, path: pathlib.Path) -> dict[str, dict]:
+    if not isinstance(entries, dict):
+        raise _broken(path, f"\"entries\" must be an object of layer measurements, not {json.dumps(entries)[:40]}")
+    for key, entry in entries.items():
+        median = entry.get("median_ms") if isinstance(entry, dict) else None
+        if not _milliseconds(median) or median < 0:
+            raise _broken(path, f"entry {key!r} needs \"median_ms\" as a finite number >= 0, not {json.dumps(median)[:40]}")
+    return entries
+
+
+def _models(models, path: pathlib.Path) -> dict[str, dict]:
+    """Every model fit has what the cost model reads: two edge-kind -> ms maps and an overhead."""
+    if not isinstance(models, dict):
+        raise _broken(path, f"\"models\" must be an object of model fits, not {json.dumps(models)[:40]}")
+    for key, fit in models.items():
+        if not isinstance(fit, dict):
+            raise _broken(path, f"model fit {key!r} must be an object, not {json.dumps(fit)[:40]}")
+        for field in ("boundary_ms", "boundary_ms_per_million_elements"):
+            terms = fit.get(field)
+            if not isinstance(terms, dict) or not all(_EDGE_KIND.fullmatch(k) and _milliseconds(v) for k, v in terms.items()):
+                raise _broken(path, f"model fit {key!r} needs \"{field}\" as an object of edge kind (00, 01, 10, 11) "
+                                    f"-> finite number, not {json.dumps(terms)[:40]}")
+        if not _milliseconds(fit.get("overhead_ms")):
+            overhead = json.dumps(fit.get("overhead_ms"))[:40]
+            raise _broken(path, f"model fit {key!r} needs \"overhead_ms\" as a finite number, not {overhead}")
+    return models
