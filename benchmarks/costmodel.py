@@ -18,14 +18,14 @@ import sys
 import time
 
 from mpqc.bench.latency import first_batch
+from mpqc.costmodel.table import LatencyTable
 from mpqc.data.proxy import proxy_feeds
+from mpqc.files import write_atomically
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.build import build
 from mpqc.pipeline.options import BuildOptions
 from mpqc.pipeline.profile import profile
-from mpqc.costmodel.table import LatencyTable
 from mpqc.pipeline.validate import validate
-from mpqc.files import write_atomically
 from mpqc.report.plots import validation_scatter
 from mpqc.targets import load_target
 from mpqc.versions import provenance

@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 
+from mpqc.files import write_atomically
 from mpqc.pipeline.build import build
 from mpqc.pipeline.options import BuildOptions
-from mpqc.files import write_atomically
 from mpqc.versions import provenance
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -21,9 +21,9 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+from mpqc.files import write_atomically
 from mpqc.pipeline.build import build
 from mpqc.pipeline.options import BuildOptions
-from mpqc.files import write_atomically
 from mpqc.targets import find_target_file
 from mpqc.versions import provenance
 

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from mpqc.files import write_atomically
 from mpqc.costmodel.latency import LatencyModel
+from mpqc.files import write_atomically
 from mpqc.search.ilp import smallest, solve
 from mpqc.versions import provenance
 

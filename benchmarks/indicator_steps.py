@@ -34,13 +34,12 @@ import time
 import numpy as np
 import onnx_ir as ir
 from scipy.stats import spearmanr
-
 from transfer import PROXIES, RESULTS, Evaluator, Sweeps  # (the same proxies, budgets and evaluation)
 
-from mpqc.passes.analysis import analyze
-from mpqc.pipeline.options import BuildOptions
 from mpqc.examples import load_example
 from mpqc.files import write_atomically
+from mpqc.passes.analysis import analyze
+from mpqc.pipeline.options import BuildOptions
 from mpqc.pipeline.search import sensitivity_context
 from mpqc.sensitivity.indicators import STEP_LR, train_indicators
 from mpqc.targets import load_target

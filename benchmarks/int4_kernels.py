@@ -138,7 +138,6 @@ def slug(name: str) -> str:
 class Bench:
     def __init__(self, rep_ms: int, sweep_batches: list[int]):
         import triton.testing
-
         from mpqc_kernels import int4_conv, int4_gemm, pack_int4, split_k
 
         self.do_bench, self.rep_ms = triton.testing.do_bench, rep_ms

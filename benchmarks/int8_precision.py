@@ -21,10 +21,10 @@ import numpy as np
 
 from mpqc.backends.onnxruntime.runner import OrtRunner, with_exact_int8
 from mpqc.bench.latency import first_batch, measure_latency
-from mpqc.lower.lowering import Lowering
-from mpqc.passes.analysis import analyze
 from mpqc.examples import load_example
 from mpqc.files import write_atomically
+from mpqc.lower.lowering import Lowering
+from mpqc.passes.analysis import analyze
 from mpqc.policy import Policy
 from mpqc.targets import load_target
 from mpqc.versions import provenance

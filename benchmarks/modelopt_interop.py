@@ -36,10 +36,10 @@ import onnx_ir as ir
 from mpqc.backends.onnxruntime.runner import OrtRunner, numerics_target
 from mpqc.backends.tensorrt.rules import check_tensorrt_conformance
 from mpqc.data.proxy import proxy_feeds
+from mpqc.files import write_atomically
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.build import build, fidelity_against_float
 from mpqc.pipeline.options import BuildOptions
-from mpqc.files import write_atomically
 from mpqc.versions import provenance
 
 RESULTS = HERE / "results"

@@ -28,17 +28,17 @@ import onnx_ir as ir
 
 from mpqc.backends.onnxruntime.runner import OrtRunner
 from mpqc.bench.latency import first_batch, measure_latency
-from mpqc.lower.lowering import Lowering
-from mpqc.passes.analysis import analyze
-from mpqc.pipeline.options import BuildOptions
 from mpqc.costmodel.fit import latency_model
+from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.table import LatencyTable
 from mpqc.files import write_atomically
+from mpqc.lower.lowering import Lowering
+from mpqc.passes.analysis import analyze
 from mpqc.passes.signatures import layer_signature
-from mpqc.policy import Policy
-from mpqc.costmodel.latency import bitops_and_size
-from mpqc.search.ilp import smallest, solve
+from mpqc.pipeline.options import BuildOptions
 from mpqc.pipeline.search import sensitivity_context
+from mpqc.policy import Policy
+from mpqc.search.ilp import smallest, solve
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
 from mpqc.versions import provenance

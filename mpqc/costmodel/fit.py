@@ -17,9 +17,9 @@ from mpqc.costmodel.policies import random_policy, uniform_policies
 from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError
 from mpqc.lower.qdq import through_clamps
+from mpqc.passes.analysis import Analysis
 from mpqc.passes.layer_graph import layer_edges
 from mpqc.passes.signatures import layer_signature
-from mpqc.passes.analysis import Analysis
 from mpqc.policy import Policy
 from mpqc.precision import precision
 from mpqc.targets import Target

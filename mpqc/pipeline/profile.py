@@ -28,7 +28,6 @@ from mpqc.passes.signatures import layer_signature
 from mpqc.policy import Policy
 from mpqc.targets import Target, load_target
 
-
 _SHAPE_HINT = "pass its shape with --shape NAME:DIMS (e.g. input:1x3x224x224) or real inputs with --proxy DATA.npz"
 
 

@@ -16,8 +16,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
-
 from mpqc_kernels.int4_layout import packed_length
 from mpqc_kernels.trt_int4_conv_plugin import (
     ATTRIBUTES,
@@ -29,6 +27,8 @@ from mpqc_kernels.trt_int4_conv_plugin import (
     output_shape,
     run_int4_conv,
 )
+from onnx import TensorProto, helper, numpy_helper
+
 from mpqc.backends.tensorrt.int4_conv_plugin_graph import (
     int4_conv_arguments,
     int4_conv_nodes,

@@ -20,7 +20,6 @@ import onnx
 import pytest
 
 from mpqc.backends.tensorrt import engine as trt_backend
-from mpqc.backends.tensorrt.int4_conv_plugin_graph import rewrite_int4_convs
 from mpqc.backends.tensorrt.inspector import (
     attribute_layer_times,
     compare_with_policy,
@@ -30,6 +29,7 @@ from mpqc.backends.tensorrt.inspector import (
     parse_datatype,
     precision_report,
 )
+from mpqc.backends.tensorrt.int4_conv_plugin_graph import rewrite_int4_convs
 from mpqc.cli import main
 from mpqc.errors import MpqcError
 from mpqc.targets import Plugins
@@ -343,11 +343,11 @@ class _FakeRunner:
 
 def test_profiling_fills_a_gpu_fingerprinted_table_from_per_layer_engine_times(monkeypatch, tmp_path):
     """The profile's glue (lowering, rewrite, attribution, table, fit) with TensorRT replaced by _FakeRunner."""
-    from mpqc.pipeline import profile_tensorrt as tensorrt_profile
-    from mpqc.passes.analysis import analyze
-    from mpqc.pipeline.options import BuildOptions
     from mpqc.costmodel.fit import latency_model
     from mpqc.costmodel.table import LatencyTable
+    from mpqc.passes.analysis import analyze
+    from mpqc.pipeline import profile_tensorrt as tensorrt_profile
+    from mpqc.pipeline.options import BuildOptions
 
     fingerprint = {"gpu": "test GPU", "compute_capability": "8.7", "runtime": "tensorrt 0.0"}
     monkeypatch.setattr(tensorrt_profile, "require_tensorrt", lambda needs_plugin=False: None)

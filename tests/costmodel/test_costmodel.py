@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from mpqc.passes.analysis import analyze
 from mpqc.cli import main
 from mpqc.costmodel.table import LatencyTable
 from mpqc.errors import MpqcError
+from mpqc.passes.analysis import analyze
 from mpqc.passes.layer_graph import layer_edges
 from mpqc.targets import load_target
 

@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from mpqc_kernels.int4_layout import pack_int4, packed_length, unpack_int4
+
+from mpqc.lower import numerics
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.build import build
 from mpqc.pipeline.options import BuildOptions
-from mpqc.lower import numerics
 
 int4_arrays = hnp.arrays(np.int8, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9), elements=st.integers(-8, 7))
 

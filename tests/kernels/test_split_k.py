@@ -11,7 +11,6 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
 from mpqc_kernels.split_k import add_up_slices, choose_split_k, k_slices, split_k_buffers  # noqa: E402
 
 

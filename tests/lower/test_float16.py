@@ -11,9 +11,9 @@ from onnx import TensorProto, numpy_helper
 
 from mpqc.backends.onnxruntime.runner import OrtRunner, disabled_passes, numerics_target
 from mpqc.backends.tensorrt.rules import check_tensorrt_conformance
+from mpqc.errors import MpqcError
 from mpqc.pipeline.build import build
 from mpqc.pipeline.options import BuildOptions
-from mpqc.errors import MpqcError
 from mpqc.targets import load_target
 
 TARGETS = pathlib.Path(__file__).resolve().parents[2] / "targets"

@@ -10,9 +10,9 @@ import pytest
 from onnx import numpy_helper
 
 from mpqc.backends.onnxruntime.runner import EXACT_INT8
+from mpqc.lower import numerics
 from mpqc.pipeline.build import build
 from mpqc.pipeline.options import BuildOptions
-from mpqc.lower import numerics
 
 TARGETS = pathlib.Path(__file__).resolve().parents[2] / "targets"
 

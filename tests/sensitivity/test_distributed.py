@@ -11,8 +11,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mpqc.passes.analysis import analyze
 from mpqc.data.mnist import mnist_split
+from mpqc.passes.analysis import analyze
 from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.distributed import shard_batches
 from mpqc.sensitivity.indicators import train_indicators

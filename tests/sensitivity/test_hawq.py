@@ -12,13 +12,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from mpqc.data.proxy import proxy_feeds
-from mpqc.passes.analysis import analyze
-from mpqc.pipeline.options import BuildOptions
 from mpqc.data.mnist import mnist_split
+from mpqc.data.proxy import proxy_feeds
 from mpqc.errors import MpqcError
 from mpqc.lower import numerics
+from mpqc.passes.analysis import analyze
 from mpqc.passes.layers import Layer
+from mpqc.pipeline.options import BuildOptions
 from mpqc.precision import W4A8, W4A16
 from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.hawq import average_hessian_traces, hawq_scores, weight_quantization_error

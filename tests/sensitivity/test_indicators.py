@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpqc.passes.analysis import analyze
 from mpqc.data.mnist import mnist_split
+from mpqc.passes.analysis import analyze
 from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.gradcam import attribution_loss, grad_cam, last_spatial_conv
 from mpqc.sensitivity.indicators import (

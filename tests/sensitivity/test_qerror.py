@@ -11,11 +11,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mpqc.calibrate.ranges import calibrate
 from mpqc.data.proxy import proxy_feeds
+from mpqc.lower.qdq import lower, plan_activation_quantizers
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.options import BuildOptions
-from mpqc.calibrate.ranges import calibrate
-from mpqc.lower.qdq import lower, plan_activation_quantizers
 from mpqc.policy import Policy
 from mpqc.sensitivity.qerror import LayerOp, qerror_scores
 from mpqc.targets import load_target

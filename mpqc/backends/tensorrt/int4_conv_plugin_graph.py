@@ -24,10 +24,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common
-
 from mpqc_kernels.int4_layout import pack_int4
 from mpqc_kernels.trt_int4_conv_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, Int4ConvSpec
+from onnx_ir.passes import common
+
 from mpqc.errors import MpqcError
 
 DOMAIN = PLUGIN_NAMESPACE  # ONNX domain of the node; TensorRT finds the plugin by op type + plugin_namespace
