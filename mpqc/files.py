@@ -33,6 +33,17 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> pathlib.Path
     return path
 
 
+def read_text(path: pathlib.Path, what: str, remedy: str) -> str:
+    """A UTF-8 text file's content: one MpqcError, naming `what` the file is, for a file that cannot be
+    read (missing, a name too long, no permission) or is not UTF-8; `remedy` says what to do then."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise MpqcError(f"{what} '{path}' cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise MpqcError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); {remedy}") from None
+
+
 def check_output_folder(out: pathlib.Path, marker: str, made_by: str) -> None:
     """Refuse an output folder mpqc may not write, before any work starts.
 

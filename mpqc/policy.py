@@ -7,6 +7,7 @@ import json
 import pathlib
 
 from mpqc.errors import MpqcError
+from mpqc.files import read_text
 from mpqc.passes.layers import Layer
 from mpqc.precision import PRECISIONS, Precision, precision
 from mpqc.targets import Target
@@ -54,13 +55,14 @@ def _not_a_policy(path: pathlib.Path) -> MpqcError:
 def _read_policy(path: pathlib.Path) -> dict:
     """The file's JSON object; anything unreadable (missing, too long a name, not UTF-8 JSON) is one error."""
     try:
-        if not path.is_file():
-            raise MpqcError(f"policy file '{path}' does not exist")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
+        exists = path.is_file()
+    except OSError as exc:  # a name too long for the file system
         raise MpqcError(f"policy file '{path}' cannot be read ({exc.strerror or exc}); check the path") from None
-    except UnicodeDecodeError:
-        raise MpqcError(f"policy file '{path}' is not UTF-8 text; an mpqc policy is UTF-8 JSON") from None
+    if not exists:
+        raise MpqcError(f"policy file '{path}' does not exist")
+    text = read_text(path, "policy file", "an mpqc policy is UTF-8 JSON")
+    try:
+        data = json.loads(text)
     except (json.JSONDecodeError, RecursionError):  # Python's json recurses once per nesting level
         raise _not_a_policy(path) from None
     if not isinstance(data, dict):

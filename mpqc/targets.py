@@ -7,6 +7,7 @@ import pathlib
 import tomllib
 
 from mpqc.errors import MpqcError
+from mpqc.files import read_text
 from mpqc.precision import PRECISIONS, Precision
 
 # Targets shipped with mpqc sit beside the package (repo checkout) or inside it (installed wheel).
@@ -147,12 +148,9 @@ def load_target(name_or_path: str) -> Target:
 
 
 def _read_toml(path: pathlib.Path) -> dict:
+    text = read_text(path, "target file", "save it as UTF-8 TOML")
     try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise MpqcError(f"target file '{path}' cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
-    except UnicodeDecodeError as exc:
-        raise MpqcError(f"target file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8 TOML") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise MpqcError(f"target file '{path}' is not valid TOML: {exc}") from None
     except RecursionError:

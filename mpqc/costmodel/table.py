@@ -17,7 +17,7 @@ import re
 
 from mpqc.backends.base import backend_for
 from mpqc.errors import MpqcError
-from mpqc.files import write_atomically
+from mpqc.files import read_text, write_atomically
 from mpqc.targets import Target
 
 
@@ -94,10 +94,9 @@ def _broken(path: pathlib.Path, field_problem: str) -> MpqcError:
 
 
 def _read_json(path: pathlib.Path) -> dict:
+    text = read_text(path, "latency table", _AGAIN)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise MpqcError(f"latency table '{path}' is not UTF-8 text; {_AGAIN}") from None
+        data = json.loads(text)
     except json.JSONDecodeError:
         raise MpqcError(f"latency table '{path}' is not valid JSON; {_AGAIN}") from None
     except RecursionError:  # Python's json recurses once per nesting level
