@@ -3,6 +3,7 @@ cache), price them (measured latency table, BitOps, bytes) and hand the ILP a Se
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -59,14 +60,10 @@ def prepare_search(analysis: Analysis, target: Target, float_model, feeds, optio
         (layer.name, p): bitops_and_size(layer_signature(analysis.model, layer), p)
         for layer in layers for p in candidates[layer.name]
     }
-    context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels)
-    cache_dir = None if not options.use_cache else (
-        pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir())
-    loss, cached = cached_scores(analysis, context, method, cache_dir)
-    return SearchProblem(
+    unscored = SearchProblem(
         layers=layers, ties=analysis.ties, candidates=candidates,
-        loss=loss,
-        scores_cached=cached,
+        loss={item: 0.0 for item in costs},
+        scores_cached=False,
         latency=latency,
         bitops={k: v[0] for k, v in costs.items()},
         size_bytes={k: v[1] for k, v in costs.items()},
@@ -75,6 +72,13 @@ def prepare_search(analysis: Analysis, target: Target, float_model, feeds, optio
         model=options.model,
         target=options.target,
     )
+    # Whether the budgets can be met depends on no score: say so in milliseconds, not after scoring.
+    unscored.pareto(options.pareto) if options.pareto is not None else unscored.solve(budgets.ms)
+    context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels)
+    cache_dir = None if not options.use_cache else (
+        pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir())
+    loss, cached = cached_scores(analysis, context, method, cache_dir)
+    return dataclasses.replace(unscored, loss=loss, scores_cached=cached)
 
 
 def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, candidates, options: BuildOptions,

@@ -85,3 +85,15 @@ def test_report_on_a_folder_that_is_no_build_is_one_line(tmp_path, capsys, conte
     assert main(["report", str(tmp_path / "d")]) == 2
     assert message in _one_error_line(capsys)
     assert not (tmp_path / "d" / "report.md").exists()
+
+
+def test_an_infeasible_budget_is_refused_before_any_layer_is_scored(tinynet, tmp_path, capsys, monkeypatch):
+    spec, proxy = tinynet
+
+    def never(method, context):
+        raise AssertionError("scored although the budget cannot be met")
+
+    monkeypatch.setattr("mpqc.pipeline.search.score_layers", never)
+    assert main(["build", spec, "--proxy", str(proxy), "--policy", "search", "--budget-bitops", "1", "--no-cache",
+                 "--out", "o"]) == 2
+    assert "bitops budget 1 BitOps is infeasible: the smallest reachable is" in _one_error_line(capsys)
