@@ -49,7 +49,8 @@ def _summary(record: dict, out: pathlib.Path) -> str:
     search = record.get("search")
     if search and search["budgets"]["ms"] is not None and search.get("predicted_ms") is not None:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[search.get("budget_met")]
-        lines.append(f"  latency budget {search['budgets']['ms']:.3f} ms: predicted {search['predicted_ms']:.3f} ms, {verdict}")
+        why = f" ({search['verification']})" if search.get("budget_met") is False and "verification" in search else ""
+        lines.append(f"  latency budget {search['budgets']['ms']:.3f} ms: predicted {search['predicted_ms']:.3f} ms, {verdict}{why}")
     measured = record.get("measured")
     if record.get("not_measured"):
         lines.append(f"  not measured: {record['not_measured']}")

@@ -167,18 +167,23 @@ def _meet_latency_budget(problem, policy, search, lowering, loaded, feeds, budge
     timing = first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, batch)
     backend = backend_for(lowering.target)
     ilp_budget, rounds = budget_ms, []
+    outcome = f"still over the budget after {_BUDGET_ROUNDS} rounds"
     for _ in range(_BUDGET_ROUNDS):
         runner = backend.load(lowering.lower(policy), lowering.target)
         measured = measure_latency(runner, timing, warmup=10, runs=50).median_ms
         rounds.append({"ilp_budget_ms": ilp_budget, "predicted_ms": search["predicted_ms"], "measured_ms": measured})
         if measured <= budget_ms:
+            outcome = "met"
             break
         ilp_budget *= budget_ms / measured
         try:
             policy, search = problem.solve(ilp_budget)
-        except MpqcError:
-            break  # no tighter policy exists: keep the last one and report the miss
+        except MpqcError as exc:  # no tighter policy exists: keep the last one and report the miss
+            outcome = (f"measured {measured:.3f} ms; no policy is predicted under the tightened budget "
+                       f"{ilp_budget:.3f} ms ({exc})")
+            break
     search["verification_rounds"] = rounds
+    search["verification"] = outcome
     return policy, search
 
 
