@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import pathlib
 import sys
 import types
@@ -17,7 +18,9 @@ import onnx
 
 from mpqc.errors import MpqcError
 from mpqc.examples import EXAMPLES, load_example
+from mpqc.frontend.messages import first_line
 from mpqc.frontend.onnx_file import load_onnx_file, prepare
+from mpqc.frontend.support import check_supported
 
 
 @dataclasses.dataclass
@@ -49,7 +52,9 @@ def resolve_model(spec: str) -> LoadedModel:
         module, inputs = example.build_module()
         return LoadedModel(spec, "example", _export(module, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES, spec), example, module)
     if spec.endswith(".onnx") or pathlib.Path(spec).is_file():
-        return LoadedModel(spec, "onnx", load_onnx_file(spec), None)
+        model = load_onnx_file(spec)
+        check_supported(model, spec)
+        return LoadedModel(spec, "onnx", model, None)
     if ":" in spec:
         module, inputs = _call_factory(spec)
         names = tuple("input" if len(inputs) == 1 else f"input_{i}" for i in range(len(inputs)))
@@ -68,20 +73,49 @@ def _export(module, inputs, input_names, output_names, spec) -> onnx.ModelProto:
 
 def _call_factory(spec: str):
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise MpqcError(f"model '{spec}' names no factory: write package.module:factory")
     if "" not in sys.path:
         sys.path.insert(0, "")  # let a build step name a module in its working directory
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise MpqcError(f"cannot load factory '{spec}': {exc}") from None
-    result = factory()
+    except Exception as exc:  # the module itself fails on import
+        raise MpqcError(f"cannot load factory '{spec}': importing '{module_name}' raised {first_line(exc, with_type=True)}") from None
+    if not callable(factory):
+        raise MpqcError(f"'{spec}' is a {type(factory).__name__}, not a factory: it must be a function that returns "
+                        "(torch module, example inputs)")
+    if not _takes_no_arguments(factory):
+        raise MpqcError(f"factory '{spec}' needs arguments; mpqc calls it with none and expects (torch module, example inputs)")
+    try:
+        result = factory()
+    except Exception as exc:
+        raise MpqcError(f"factory '{spec}' raised {first_line(exc, with_type=True)}") from None
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise MpqcError(f"factory '{spec}' must return (torch module, example inputs)")
+        raise MpqcError(f"factory '{spec}' must return (torch module, example inputs), not {_kind(result)}")
     module, inputs = result
     import torch
 
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    if not isinstance(module, torch.nn.Module) or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise MpqcError(f"factory '{spec}' must return (torch.nn.Module, tensor or tuple of tensors)")
+    if (not isinstance(module, torch.nn.Module) or not isinstance(inputs, (tuple, list)) or not inputs
+            or not all(isinstance(t, torch.Tensor) for t in inputs)):
+        raise MpqcError(f"factory '{spec}' must return (torch.nn.Module, tensor or tuple of tensors), "
+                        f"not ({_kind(module)}, {_kind(inputs)})")
     return module, tuple(inputs)
+
+
+def _takes_no_arguments(factory) -> bool:
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): calling it will tell
+        pass
+    return True
+
+
+def _kind(value) -> str:
+    name = type(value).__name__
+    return f"{name} of {len(value)} items" if isinstance(value, (tuple, list)) else name

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from mpqc.errors import MpqcError
+from mpqc.frontend.support import MAX_INPUT_ELEMENTS
 
-MAX_ELEMENTS = 2**31  # one input larger than this is no shape a latency table is measured at
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -44,8 +44,8 @@ def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
         elements = 1
         for d in shape:
             elements *= d
-        if elements > MAX_ELEMENTS:
-            raise MpqcError(f"the shape given for input '{name}' has {elements} elements; more than {MAX_ELEMENTS} is refused")
+        if elements > MAX_INPUT_ELEMENTS:
+            raise MpqcError(f"the shape given for input '{name}' has {elements} elements; more than {MAX_INPUT_ELEMENTS} is refused")
         for axis, (dim, value) in enumerate(zip(dims, shape)):
             if axis == 0:
                 continue  # the batch stays the model's own: --batch sets it

@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from mpqc.errors import MpqcError
+from mpqc.frontend.messages import first_line
 
 OPSET = 21
 WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op type -> index of the weight input
@@ -50,8 +51,7 @@ def export_module(
                 verbose=False,
             )
         except Exception as exc:  # the exporter raises many types; the user needs the first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MpqcError(f"torch could not export the module to ONNX: {first}") from None
+            raise MpqcError(f"torch could not export the module to ONNX: {first_line(exc)}") from None
     model = program.model_proto
     _name_layers_after_modules(model, module)
     return model

@@ -6,6 +6,8 @@ import dataclasses
 
 import onnx_ir as ir
 
+from mpqc.passes.check_weights import check_finite
+
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
@@ -40,6 +42,9 @@ def _as_layer(node: ir.Node) -> Layer | None:
     if weight.const_value is None or activation.const_value is not None:
         return None
     shape = tuple(int(d) for d in weight.const_value.shape)
+    if weight.const_value.size == 0:
+        return None  # nothing to quantize: the layer stays as it is
+    check_finite(node)  # canonicalize checked the user's tensors; this catches what folding made of them
     if node.op_type == "Conv":
         channel_axis, reduction_axis = 0, 1
     elif node.op_type == "MatMul":
