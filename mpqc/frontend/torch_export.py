@@ -25,6 +25,7 @@ OPSET = 21
 WEIGHTED_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op type -> index of the weight input
 MODULE_MAP_KEY = "mpqc.torch_modules"  # model metadata: ONNX node name -> torch module name
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_STACK_KEY = "pkg.torch.onnx.stack_trace"
 _LAYER_TYPES = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
 
 
@@ -54,7 +55,19 @@ def export_module(
             raise MpqcError(f"torch could not export the module to ONNX: {first_line(exc)}") from None
     model = program.model_proto
     _name_layers_after_modules(model, module)
+    _drop_stack_traces(model)
     return model
+
+
+def _drop_stack_traces(model: onnx.ModelProto) -> None:
+    """The exporter records each node's Python stack, with the paths of the files on this machine:
+    without them the float model's hash, which keys latency-table fits and the score cache, is the
+    same wherever mpqc is installed."""
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        kept = [p for p in node.metadata_props if p.key != _STACK_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
 
 
 @contextlib.contextmanager

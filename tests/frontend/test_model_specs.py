@@ -56,3 +56,16 @@ def test_a_spec_without_a_usable_factory_is_one_line(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("mpqc: error: ") and "\n" not in err, err
     assert message in err
+
+
+def test_an_exported_model_holds_no_path_of_this_machine(tinynet):
+    """Its hash keys latency-table fits and the score cache: it must not depend on where mpqc is installed."""
+    import pathlib
+
+    import mpqc
+    from mpqc.frontend.resolve import resolve_model
+
+    spec, _ = tinynet
+    loaded = resolve_model(spec)
+    assert str(pathlib.Path(mpqc.__file__).parent).encode() not in loaded.model.SerializeToString()
+    assert all(p.key != "pkg.torch.onnx.stack_trace" for node in loaded.model.graph.node for p in node.metadata_props)
