@@ -59,6 +59,16 @@ def _proxy(path: pathlib.Path) -> None:
     np.savez(path, input=np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32))
 
 
+@contextlib.contextmanager
+def _workspace():
+    """A fresh folder holding a good model (m.onnx) and proxy data (p.npz); a case damages one of them."""
+    with tempfile.TemporaryDirectory() as name:
+        folder = pathlib.Path(name)
+        (folder / "m.onnx").write_bytes(MODEL)
+        _proxy(folder / "p.npz")
+        yield folder
+
+
 def run(argv: list[str], folder: pathlib.Path, may_fail_check: bool = False) -> tuple[int, str]:
     """One command in `folder`; asserts the promises every run keeps, returns (status, stderr)."""
     before = {p.name for p in folder.iterdir()}
@@ -114,10 +124,8 @@ VERBS = [
 @FUZZ
 @given(st.data())
 def test_damaged_onnx_files(data):
-    with tempfile.TemporaryDirectory() as name:
-        folder = pathlib.Path(name)
+    with _workspace() as folder:
         (folder / "m.onnx").write_bytes(_mutated(MODEL, data.draw))
-        _proxy(folder / "p.npz")
         verb = data.draw(st.sampled_from(VERBS))
         run(verb, folder, may_fail_check=verb[0] == "check")
 
@@ -134,12 +142,9 @@ _ARRAYS = st.one_of(
 @FUZZ
 @given(st.data())
 def test_odd_and_damaged_proxy_data(data):
-    with tempfile.TemporaryDirectory() as name:
-        folder = pathlib.Path(name)
-        (folder / "m.onnx").write_bytes(MODEL)
+    with _workspace() as folder:
         if data.draw(st.booleans()):
-            _proxy(folder / "good.npz")
-            (folder / "p.npz").write_bytes(_mutated((folder / "good.npz").read_bytes(), data.draw))
+            (folder / "p.npz").write_bytes(_mutated((folder / "p.npz").read_bytes(), data.draw))
         else:
             key = data.draw(st.sampled_from(["input", "labels", "other"]))
             np.savez(folder / "p.npz", **{key: data.draw(_ARRAYS)})
@@ -161,10 +166,7 @@ _POLICIES = st.one_of(
 @FUZZ
 @given(st.data())
 def test_hostile_policy_files(data):
-    with tempfile.TemporaryDirectory() as name:
-        folder = pathlib.Path(name)
-        (folder / "m.onnx").write_bytes(MODEL)
-        _proxy(folder / "p.npz")
+    with _workspace() as folder:
         (folder / "policy.json").write_bytes(data.draw(_POLICIES))
         verb = data.draw(st.sampled_from(["build", "export"]))
         run([verb, "m.onnx", "--proxy", "p.npz", "--policy", "policy.json", "--no-measure", "--out", "o"], folder)
@@ -188,10 +190,7 @@ def _target_text(draw) -> bytes:
 @FUZZ
 @given(st.data())
 def test_hostile_target_files(data):
-    with tempfile.TemporaryDirectory() as name:
-        folder = pathlib.Path(name)
-        (folder / "m.onnx").write_bytes(MODEL)
-        _proxy(folder / "p.npz")
+    with _workspace() as folder:
         (folder / "t.toml").write_bytes(_target_text(data.draw))
         verb = data.draw(st.sampled_from([["inspect", "m.onnx"], ["build", "m.onnx", "--proxy", "p.npz", "--no-measure", "--out", "o"],
                                           ["profile", "m.onnx", "--proxy", "p.npz", "--fit-policies", "0", "--tables", "tables"]]))
@@ -211,10 +210,7 @@ _TABLES = st.one_of(
 @FUZZ
 @given(st.data())
 def test_hostile_latency_tables(data):
-    with tempfile.TemporaryDirectory() as name:
-        folder = pathlib.Path(name)
-        (folder / "m.onnx").write_bytes(MODEL)
-        _proxy(folder / "p.npz")
+    with _workspace() as folder:
         table = LatencyTable.for_target(load_target("ort-cpu"), folder / "tables")
         table.path.parent.mkdir(parents=True)
         text = data.draw(_TABLES).replace('"FP"', json.dumps(table.fingerprint))
@@ -236,10 +232,7 @@ _OPTIONS = ["--seed", "--runs", "--warmup", "--batch", "--proxy-limit", "--perce
 @FUZZ
 @given(st.data())
 def test_numeric_options(data):
-    with tempfile.TemporaryDirectory() as name:
-        folder = pathlib.Path(name)
-        (folder / "m.onnx").write_bytes(MODEL)
-        _proxy(folder / "p.npz")
+    with _workspace() as folder:
         chosen = data.draw(st.lists(st.sampled_from(_OPTIONS), min_size=1, max_size=3, unique=True))
         argv = ["build", "m.onnx", "--proxy", "p.npz", "--no-measure", "--out", "o"]
         for option in chosen:
