@@ -3,7 +3,7 @@ npz, policy, target, latency-table and option inputs.
 
 Each case asserts what the README promises: no traceback and no internal error, status 2 with one
 `mpqc: error:` line for a user error, no --out left behind by a failed command, no staging folder
-ever, and a bounded time. CI runs a few dozen cases per input kind; a longer run of the same tier:
+ever, a bounded time and a bounded peak memory. CI runs a few dozen cases per input kind; a longer run of the same tier:
 
     MPQC_FUZZ_EXAMPLES=1000 python3 -m pytest -q tests/fuzz --hypothesis-show-statistics
 """
@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pathlib
+import resource
 import tempfile
 import time
 
@@ -31,6 +32,7 @@ from mpqc.targets import find_target_file, load_target
 
 EXAMPLES = int(os.environ.get("MPQC_FUZZ_EXAMPLES", "12"))
 CASE_SECONDS = 60  # a generous bound: a hang or a giant allocation shows as minutes
+PEAK_GIB = 6  # the test process's peak resident memory: a case that allocates without end passes it
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -84,6 +86,8 @@ def run(argv: list[str], folder: pathlib.Path, may_fail_check: bool = False) -> 
     elapsed = time.perf_counter() - started
     text = err.getvalue()
     assert elapsed < CASE_SECONDS, f"{argv} took {elapsed:.0f} s"
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+    assert peak_gib < PEAK_GIB, f"{argv} brought the peak memory to {peak_gib:.1f} GiB"
     assert "Traceback" not in text and "internal error" not in text, f"{argv}: {text}"
     allowed = {0, 2} | ({1} if may_fail_check else set())
     assert status in allowed, f"{argv} -> {status}: {text}"
