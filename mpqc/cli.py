@@ -119,6 +119,9 @@ def cmd_bench(args) -> dict:
     from mpqc.targets import load_target
 
     target = load_target(args.target)
+    if not pathlib.Path(args.model).is_file() and not args.model.endswith(".onnx"):
+        raise MpqcError(f"bench times an .onnx file, and '{args.model}' is none; build it first "
+                        f"(mpqc build {args.model} --out DIR) and bench DIR/model.qdq.onnx")
     model = load_onnx_file(args.model)
     if args.data:
         feeds = first_batch(check_feeds(load_npz(args.data), model, args.data), args.batch)

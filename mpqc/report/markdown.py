@@ -11,6 +11,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """A table cell's text: GitHub-flavoured Markdown ends a cell at any unescaped |, inside code too."""
+    return text.replace("|", "\\|")
+
+
 def render_report(build: BuildRecord) -> str:
     record = build.to_json()
     lines = [
@@ -47,7 +52,7 @@ def render_report(build: BuildRecord) -> str:
     lines += ["## Layers", "", "| layer | op | torch module | precision | signature |", "|---|---|---|---|---|"]
     for row in record["layers"]:
         lines.append(
-            f"| {row['name']} | {row['op_type']} | {row['torch_module'] or '-'} | {row['precision']} | `{row['signature']['key']}` |"
+            f"| {row['name']} | {row['op_type']} | {row['torch_module'] or '-'} | {row['precision']} | `{_cell(row['signature']['key'])}` |"
         )
     if record["ties"]:
         lines += ["", "## Tie groups (one precision each)", ""]

@@ -3,6 +3,7 @@ and a build's report is rendered from its record alone."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -97,3 +98,16 @@ def test_an_infeasible_budget_is_refused_before_any_layer_is_scored(tinynet, tmp
     assert main(["build", spec, "--proxy", str(proxy), "--policy", "search", "--budget-bitops", "1", "--no-cache",
                  "--out", "o"]) == 2
     assert "bitops budget 1 BitOps is infeasible: the smallest reachable is" in _one_error_line(capsys)
+
+
+def test_the_layer_table_keeps_every_signature_cell_whole(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    assert main(["build", spec, "--proxy", str(proxy), "--no-measure", "--out", "o"]) == 0
+    rows = [line for line in (tmp_path / "o" / "report.md").read_text().splitlines() if line.startswith("| conv1 |")]
+    # Five cells: a GitHub-flavoured Markdown table splits a row at every | not escaped, code spans included.
+    assert len(rows) == 1 and len(re.split(r"(?<!\\)\|", rows[0])) == 7
+
+
+def test_bench_on_a_model_name_says_to_build_it_first(capsys):
+    assert main(["bench", "efficientnet-lite0"]) == 2
+    assert "bench DIR/model.qdq.onnx" in _one_error_line(capsys)
