@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import onnx
+import onnx.numpy_helper
 import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import Message
@@ -69,6 +70,26 @@ def check_valid(model: onnx.ModelProto, origin: str) -> None:
         onnx.checker.check_model(model)
     except Exception as exc:  # ValidationError, and whatever else the C++ checker lets through
         raise MpqcError(f"'{origin}' is not a valid ONNX model: {first_line(exc)}") from None
+    tensor = _tensor_unlike_its_shape(model)
+    if tensor is not None:
+        raise MpqcError(f"'{origin}' is damaged: tensor '{tensor}' holds another number of values than its shape says; "
+                        "re-export the model")
+
+
+def _tensor_unlike_its_shape(model: onnx.ModelProto) -> str | None:
+    """The first weight whose data does not fill its dims (the checker does not look; a flipped bit
+    in a dim does it). Weights held in external files are checked once they are loaded."""
+    tensors = list(model.graph.initializer) + [
+        attribute.t for node in model.graph.node if node.op_type == "Constant"
+        for attribute in node.attribute if attribute.type == attribute.TENSOR]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            onnx.numpy_helper.to_array(tensor)
+        except Exception:  # ValueError on a reshape, or an unknown data type
+            return tensor.name
+    return None
 
 
 def _too_large(origin) -> str:

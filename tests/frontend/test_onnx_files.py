@@ -332,3 +332,20 @@ def test_models_over_protobufs_limit_are_refused(tmp_path, capsys, monkeypatch, 
     path = _external(tmp_path) if external else _save(_conv_model(), tmp_path / "m.onnx")
     monkeypatch.setattr(onnx_file, "PROTOBUF_LIMIT", 300)  # the real 2 GiB would take the disk
     _refused(capsys, ["inspect", path], "2 GiB or more")
+
+
+def test_a_weight_whose_dims_were_damaged_is_one_line(tmp_path, capsys):
+    """A flipped bit in a dim leaves data that no longer fills the shape; the ONNX checker lets it through."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mpqc.cli import main
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    weight.dims[1] = 2  # 108 values for a 4x2x3x3 shape
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpqc: error: ") and "tensor 'w' holds another number of values" in err and err.count("\n") == 1
