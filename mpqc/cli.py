@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import sys
 
 from mpqc.errors import MpqcError
@@ -430,5 +431,14 @@ def _reader_left() -> int:
     return 0
 
 
+def entry() -> None:
+    """The `mpqc` command: main(), then exit with its status."""
+    status = main()
+    # Everything is written: a Ctrl-C from here on has nothing left to stop, and must not turn a
+    # finished build into a process killed by SIGINT while the interpreter shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
