@@ -3,7 +3,7 @@ npz, policy, target, latency-table and option inputs.
 
 Each case asserts what the README promises: no traceback and no internal error, status 2 with one
 `mpqc: error:` line for a user error, no --out left behind by a failed command, no staging folder
-ever, a bounded time and a bounded peak memory. CI runs a few dozen cases per input kind; a longer run of the same tier:
+ever, a bounded time and bounded memory growth (Linux's /proc). CI runs a few dozen cases per input kind; a longer run of the same tier:
 
     MPQC_FUZZ_EXAMPLES=1000 python3 -m pytest -q tests/fuzz --hypothesis-show-statistics
 """
@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pathlib
-import resource
 import tempfile
 import time
 
@@ -32,7 +31,7 @@ from mpqc.targets import find_target_file, load_target
 
 EXAMPLES = int(os.environ.get("MPQC_FUZZ_EXAMPLES", "12"))
 CASE_SECONDS = 60  # a generous bound: a hang or a giant allocation shows as minutes
-PEAK_GIB = 6  # the test process's peak resident memory: a case that allocates without end passes it
+GROWTH_GIB = 4  # how far one case may raise the process's resident memory above where it started
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -75,6 +74,7 @@ def run(argv: list[str], folder: pathlib.Path, may_fail_check: bool = False) -> 
     """One command in `folder`; asserts the promises every run keeps, returns (status, stderr)."""
     before = {p.name for p in folder.iterdir()}
     out, err = io.StringIO(), io.StringIO()
+    resident = _reset_peak_memory()
     started = time.perf_counter()
     here = os.getcwd()
     os.chdir(folder)
@@ -86,8 +86,8 @@ def run(argv: list[str], folder: pathlib.Path, may_fail_check: bool = False) -> 
     elapsed = time.perf_counter() - started
     text = err.getvalue()
     assert elapsed < CASE_SECONDS, f"{argv} took {elapsed:.0f} s"
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
-    assert peak_gib < PEAK_GIB, f"{argv} brought the peak memory to {peak_gib:.1f} GiB"
+    growth = _memory_gib("VmHWM") - resident
+    assert growth < GROWTH_GIB, f"{argv} raised the resident memory by {growth:.1f} GiB"
     assert "Traceback" not in text and "internal error" not in text, f"{argv}: {text}"
     allowed = {0, 2} | ({1} if may_fail_check else set())
     assert status in allowed, f"{argv} -> {status}: {text}"
@@ -98,6 +98,22 @@ def run(argv: list[str], folder: pathlib.Path, may_fail_check: bool = False) -> 
     staging = sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name not in before)
     assert not staging, f"{argv} left {staging}"
     return status, text
+
+
+def _memory_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, from Linux's /proc."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    return 0.0
+
+
+def _reset_peak_memory() -> float:
+    """Start a new peak at the resident memory of now (writing 5 to clear_refs does it); returns it."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _memory_gib("VmRSS")
 
 
 def _mutated(data: bytes, draw) -> bytes:
