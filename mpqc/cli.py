@@ -38,6 +38,7 @@ def _build_options(args, policy: str):
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
         measure=not args.no_measure,
+        metric=args.metric,
         batch=args.batch,
         runs=args.runs,
         warmup=args.warmup,
@@ -237,6 +238,9 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-bytes", type=_float_range(0.0, 1e15, low_open=True), help="weight size budget in bytes")
     parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
     parser.add_argument("--no-measure", action="store_true", help="skip latency and fidelity measurement")
+    parser.add_argument("--metric", metavar="MODULE:FUNCTION",
+                        help="your own fidelity evaluator: FUNCTION(reference, candidate, labels) -> {name: number}, "
+                             "on the first output of the FP32 and the built model")
     parser.add_argument("--cache-dir", help="sensitivity score cache for --policy search (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")
     parser.add_argument("--no-cache", action="store_true", help="score layers afresh and write nothing to the cache")
     _add_timing_arguments(parser)

@@ -71,21 +71,29 @@ def _export(module, inputs, input_names, output_names, spec) -> onnx.ModelProto:
     return prepare(export_module(module, tuple(inputs), tuple(input_names), tuple(output_names)), spec)
 
 
-def _call_factory(spec: str):
+def load_callable(spec: str, what: str, returns: str):
+    """The function `package.module:name` names (a module in the working directory too), or one
+    MpqcError naming `what` it should be and what it `returns`."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise MpqcError(f"model '{spec}' names no factory: write package.module:factory")
+        raise MpqcError(f"'{spec}' names no {what}: write package.module:{what}")
     if "" not in sys.path:
         sys.path.insert(0, "")  # let a build step name a module in its working directory
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise MpqcError(f"cannot load factory '{spec}': {exc}") from None
+        raise MpqcError(f"cannot load {what} '{spec}': {exc}") from None
     except Exception as exc:  # the module itself fails on import
-        raise MpqcError(f"cannot load factory '{spec}': importing '{module_name}' raised {first_line(exc, with_type=True)}") from None
-    if not callable(factory):
-        raise MpqcError(f"'{spec}' is a {type(factory).__name__}, not a factory: it must be a function that returns "
-                        "(torch module, example inputs)")
+        raise MpqcError(f"cannot load {what} '{spec}': importing '{module_name}' raised {first_line(exc, with_type=True)}") from None
+    if not callable(found):
+        raise MpqcError(f"'{spec}' is a {type(found).__name__}, not a {what}: it must be a function that returns {returns}")
+    return found
+
+
+def _call_factory(spec: str):
+    if not spec.partition(":")[0] or not spec.partition(":")[2]:
+        raise MpqcError(f"model '{spec}' names no factory: write package.module:factory")
+    factory = load_callable(spec, "factory", "(torch module, example inputs)")
     if not _takes_no_arguments(factory):
         raise MpqcError(f"factory '{spec}' needs arguments; mpqc calls it with none and expects (torch module, example inputs)")
     try:

@@ -27,6 +27,8 @@ from mpqc.data.feeds import feeds_sha256
 from mpqc.data.proxy import proxy_feeds, proxy_labels
 from mpqc.errors import MpqcError
 from mpqc.files import check_output_folder, replace_folder
+from mpqc.frontend.messages import first_line
+from mpqc.frontend.resolve import load_callable
 from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import Analysis, analyze
 from mpqc.pipeline.options import BuildOptions
@@ -97,9 +99,10 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
     artifacts |= {name: hashlib.sha256(data).hexdigest() for name, data in engine_files.items()}
     extra_files = extra_files | engine_files
     measured = not_measured = None
+    metric = load_callable(options.metric, "metric", "{name: number}") if options.metric else None
     if options.measure:
         measured, not_measured, search = _measurements(options, backend, analysis, target, lowering, model_bytes, policy,
-                                                       feeds, search, timings)
+                                                       feeds, search, timings, metric)
     record = BuildRecord(
         model={"spec": options.model, "kind": analysis.loaded.kind, "float_sha256": analysis.loaded.sha256()},
         target={"name": target.name, "file_sha256": hashlib.sha256(target.path.read_bytes()).hexdigest()},
@@ -126,19 +129,21 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
 
 
 def _measurements(options: BuildOptions, backend: Backend, analysis: Analysis, target: Target, lowering: Lowering,
-                  model_bytes: bytes, policy: Policy, feeds, search: dict | None, timings: dict) -> tuple[dict, str | None, dict | None]:
+                  model_bytes: bytes, policy: Policy, feeds, search: dict | None, timings: dict,
+                  metric=None) -> tuple[dict, str | None, dict | None]:
     """build.json's measured section, what was not measured, and the search record with the
     measured latency against its budget."""
     float_bytes = lowering.float_model.SerializeToString()
     if not backend.measures_latency:
         evaluation = backend.numerics_target(target)
         runners = (backend_for(evaluation).load(float_bytes, evaluation), backend_for(evaluation).load(model_bytes, evaluation))
-        measured = {"fidelity": fidelity_against_float(*runners, analysis.loaded, feeds, timings)[0],
+        measured = {"fidelity": fidelity_against_float(*runners, analysis.loaded, feeds, timings, metric)[0],
                     "fidelity_runtime": "ONNX Runtime CPU (exact INT8 kernels), running the QDQ model's numerics"}
         not_measured = (f"latency: target '{target.name}' runs on {target.backend}; "
                         "mpqc times ONNX Runtime targets only (time the engine with `mpqc profile` on the device)")
         return measured, not_measured, search
-    measured = _measure(options.measure_settings(), backend, analysis.loaded, target, float_bytes, model_bytes, feeds, timings)
+    measured = _measure(options.measure_settings(), backend, analysis.loaded, target, float_bytes, model_bytes, feeds, timings,
+                        metric)
     note = int8_saturation_note(target) if any(policy.precision_of(name).weight_bits == 8 for name, _ in policy.assignments) else None
     if note is not None:
         measured["int8_note"] = note
@@ -218,9 +223,9 @@ def _layer_rows(analysis: Analysis, policy: Policy, target: Target) -> list[dict
 
 
 def _measure(settings: MeasureSettings, backend: Backend, loaded, target, float_bytes: bytes, model_bytes: bytes, feeds,
-             timings) -> dict:
+             timings, metric=None) -> dict:
     float_runner, built_runner = backend.load(float_bytes, target), backend.load(model_bytes, target)
-    fidelity, timing_feeds = fidelity_against_float(float_runner, built_runner, loaded, feeds, timings)
+    fidelity, timing_feeds = fidelity_against_float(float_runner, built_runner, loaded, feeds, timings, metric)
     clock = time.perf_counter()
     batch = first_batch(timing_feeds, settings.batch)
     fp32 = measure_latency(float_runner, batch, settings.warmup, settings.runs)
@@ -234,10 +239,10 @@ def _measure(settings: MeasureSettings, backend: Backend, loaded, target, float_
     }
 
 
-def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings) -> tuple[dict, dict[str, np.ndarray]]:
+def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings, metric=None) -> tuple[dict, dict[str, np.ndarray]]:
     """Agreement of the built model with the float one, and the feeds it was measured on: the
     example's held-out set where the model is a bundled example, else the proxy set. `timings`
-    gets fidelity_s."""
+    gets fidelity_s. `metric`: the user's own evaluator, whose numbers join the record."""
     clock = time.perf_counter()
     if loaded.example is not None:
         eval_feeds, labels = loaded.example.eval_feeds()
@@ -254,8 +259,24 @@ def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings) -
         fidelity = {"data": "proxy set (no held-out set for this model)", "samples": len(reference)}
         fidelity |= output_agreement(reference, candidate)
         timing_feeds = feeds
+        labels = None
+    if metric is not None:
+        fidelity |= _user_metric(metric, reference, candidate, labels)
     timings["fidelity_s"] = time.perf_counter() - clock
     return fidelity, timing_feeds
+
+
+def _user_metric(metric, reference: np.ndarray, candidate: np.ndarray, labels) -> dict[str, float]:
+    """The user's evaluator's numbers, or one line saying what it did instead."""
+    name = getattr(metric, "__name__", "metric")
+    try:
+        values = metric(reference, candidate, labels)
+    except Exception as exc:
+        raise MpqcError(f"--metric {name} raised {first_line(exc, with_type=True)}") from None
+    if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for k, v in values.items()):
+        raise MpqcError(f"--metric {name} must return a dict of name -> number, not {type(values).__name__}")
+    return {key: float(value) for key, value in values.items()}
 
 
 def check_out_dir(out: pathlib.Path) -> None:

@@ -42,6 +42,7 @@ class BuildOptions:
     cache_dir: str | None = None  # sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)
     use_cache: bool = True
     measure: bool = True  # time FP32 vs built and compute fidelity
+    metric: str | None = None  # package.module:function, the user's own fidelity evaluator
     batch: int = 1
     runs: int = 100
     warmup: int = 10

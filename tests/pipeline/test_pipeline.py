@@ -111,3 +111,55 @@ def test_the_layer_table_keeps_every_signature_cell_whole(tinynet, tmp_path, cap
 def test_bench_on_a_model_name_says_to_build_it_first(capsys):
     assert main(["bench", "efficientnet-lite0"]) == 2
     assert "bench DIR/model.qdq.onnx" in _one_error_line(capsys)
+
+
+def _unquantized_conv_model(path):
+    """A conv whose output is mostly zeros (a probability map of a few hot pixels after a ReLU)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.zeros((2, 3, 3, 3), np.float32)
+    weight[0, 0, 1, 1] = 0.613
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 8, 8])], [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    inputs = np.zeros((16, 3, 8, 8), np.float32)
+    inputs[::4, 0, 2, 2:6] = np.random.default_rng(0).uniform(0.1, 1.0, (4, 4))  # three of four samples give an all-zero output
+    np.savez(path.with_suffix(".npz"), x=inputs)
+
+
+def test_fidelity_is_sound_on_mostly_zero_outputs_and_exact_for_an_unquantized_lowering(tmp_path, capsys):
+    _unquantized_conv_model(tmp_path / "m.onnx")
+    common = ["build", str(tmp_path / "m.onnx"), "--proxy", str(tmp_path / "m.npz"), "--runs", "2", "--warmup", "0", "--json"]
+    assert main([*common, "--policy", "uniform:fp32", "--out", str(tmp_path / "fp32")]) == 0
+    same = json.loads(capsys.readouterr().out)["build"]["measured"]["fidelity"]
+    assert same["cosine_mean"] == 1.0 and same["sqnr_db"] == float("inf") and same["relative_l2_error"] == 0.0
+    assert main([*common, "--out", str(tmp_path / "w8a8")]) == 0
+    quantized = json.loads(capsys.readouterr().out)["build"]["measured"]["fidelity"]
+    assert 0.9 < quantized["cosine_mean"] <= 1.0 and 0 <= quantized["relative_l2_error"] < 0.2
+    assert 20 < quantized["sqnr_db"] < 200
+
+
+def test_a_users_own_metric_joins_the_fidelity_and_its_failures_are_one_line(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    (tmp_path / "mymetrics.py").write_text(
+        "import numpy as np\n"
+        "def top1(reference, candidate, labels):\n"
+        "    return {'my_top1': float(np.mean(reference.argmax(1) == candidate.argmax(1)))}\n"
+        "def broken(reference, candidate, labels):\n"
+        "    raise ValueError('no labels here')\n"
+        "def wrong(reference, candidate, labels):\n"
+        "    return [1.0]\n")
+    common = ["build", spec, "--proxy", str(proxy), "--runs", "2", "--warmup", "0"]
+    assert main([*common, "--metric", "mymetrics:top1", "--out", "o", "--json"]) == 0
+    fidelity = json.loads(capsys.readouterr().out)["build"]["measured"]["fidelity"]
+    assert 0.0 <= fidelity["my_top1"] <= 1.0 and "cosine_mean" in fidelity
+    for name, message in (("broken", "raised ValueError: no labels here"), ("wrong", "must return a dict"),
+                          ("absent", "cannot load metric")):
+        assert main([*common, "--metric", f"mymetrics:{name}", "--out", f"o-{name}"]) == 2
+        assert message in _one_error_line(capsys)
+        assert not (tmp_path / f"o-{name}").exists()
