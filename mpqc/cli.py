@@ -67,7 +67,8 @@ def _summary(record: dict, out: pathlib.Path) -> str:
         lines.append("  fidelity vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if "int8_note" in measured:
             lines.append(f"  note: {measured['int8_note']}")
-    lines.append(f"  artifacts: {out / 'model.qdq.onnx'}, {out / 'policy.json'}, {out / 'build.json'}, {out / 'report.md'}")
+    lines.append(f"  artifacts: {out / 'model.qdq.onnx'}, {out / 'policy.json'}, {out / 'build.json'}, {out / 'report.md'}, "
+                 f"{out / 'report.html'}")
     engine = record.get("tensorrt_engine")
     if engine is not None:
         lines.append(f"  tensorrt engine: {out / 'model.engine'}, {len(engine['precisions']['findings'])} precision finding(s) in build.json"
@@ -101,15 +102,18 @@ def cmd_export(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    """Re-render a build's report.md from its build.json."""
+    """Re-render a build's report.md and report.html from its build.json."""
     from mpqc.files import write_atomically
+    from mpqc.report.html import render_html
     from mpqc.report.markdown import render_report
     from mpqc.report.record import BuildRecord
 
     folder = pathlib.Path(args.build)
     record = BuildRecord.load(folder / "build.json")
     write_atomically(folder / "report.md", render_report(record))
-    return {"out": str(folder), "report": str(folder / "report.md"), "_text": f"rendered {folder / 'report.md'}"}
+    write_atomically(folder / "report.html", render_html(record))
+    return {"out": str(folder), "reports": [str(folder / "report.md"), str(folder / "report.html")],
+            "_text": f"rendered {folder / 'report.md'}, {folder / 'report.html'}"}
 
 
 def cmd_bench(args) -> dict:

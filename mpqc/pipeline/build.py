@@ -33,6 +33,7 @@ from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import Analysis, analyze
 from mpqc.pipeline.options import BuildOptions
 from mpqc.policy import Policy, resolve_policy
+from mpqc.report.html import render_html
 from mpqc.report.markdown import render_report
 from mpqc.report.record import BuildRecord
 from mpqc.targets import Target, load_target
@@ -114,6 +115,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         layers=_layer_rows(analysis, policy, target),
         ties=[list(group) for group in analysis.ties],
         artifacts=artifacts,
+        artifact_bytes={"model.qdq.onnx": len(model_bytes)} | {name: len(data) for name, data in extra_files.items()},
         versions=versions(),
         machine=machine(),
         seed=options.seed,
@@ -294,6 +296,7 @@ def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, rec
         policy.save(staging / "policy.json")
         record.save(staging / "build.json")
         (staging / "report.md").write_text(render_report(record))
+        (staging / "report.html").write_text(render_html(record))
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
 

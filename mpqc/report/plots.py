@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pathlib
 
 import matplotlib
@@ -44,3 +45,67 @@ def pareto_plot(front: dict, destination) -> None:
     figure.tight_layout()
     figure.savefig(destination, format="png", dpi=110)
     plt.close(figure)
+
+
+_UNITS = {"ms": ("predicted latency", "ms", 1.0), "bitops": ("BitOps per sample", "GBitOps", 1e-9),
+          "bytes": ("weight size", "MB", 1e-6)}
+PRECISION_COLORS = {"fp32": "#9e9e9e", "fp16": "#bdbdbd", "w8a8": "#1f77b4", "w4a8": "#ff7f0e", "w4a16": "#2ca02c"}
+
+
+def _png(figure) -> bytes:
+    stream = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(stream, format="png", dpi=100)
+    plt.close(figure)
+    return stream.getvalue()
+
+
+def front_figure(record: dict) -> bytes:
+    """The searched front of a build record (predicted loss vs predicted cost), the uniform
+    policies and the built point marked; with a latency front, the measured FP32 and built times too."""
+    search = record["search"]
+    pareto = search["pareto"]
+    label, unit, factor = _UNITS[pareto["resource"]]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    front = pareto["front"]
+    axes.plot([p["cost"] * factor for p in front], [p["objective"] for p in front], marker="o", drawstyle="steps-post",
+              label="searched front (predicted)")
+    for name, point in pareto["uniform"].items():
+        if point["cost"] is not None:
+            axes.scatter([point["cost"] * factor], [point["objective"]], marker="s", s=40,
+                         color=PRECISION_COLORS.get(name, "k"), label=f"uniform {name} (predicted)", zorder=3)
+    built = front[pareto["built_point"]]
+    axes.scatter([built["cost"] * factor], [built["objective"]], s=140, facecolors="none", edgecolors="C3", linewidths=2,
+                 zorder=4, label="built point")
+    measured = record.get("measured") or {}
+    if pareto["resource"] == "ms" and "latency_built" in measured:
+        axes.axvline(measured["latency_fp32"]["median_ms"], color="0.4", ls="--", lw=1, label="FP32, measured")
+        axes.axvline(measured["latency_built"]["median_ms"], color="C3", ls=":", lw=1.5, label="built, measured")
+    axes.set(xlabel=f"{label} ({unit})", ylabel=f"predicted loss: sum of {search['method']} scores (lower is better)",
+             title=f"{record['model']['spec']} on {record['target']['name']}")
+    axes.legend(fontsize=8, loc="upper right")
+    return _png(figure)
+
+
+def layer_strip_figure(record: dict) -> bytes:
+    """One bar per layer: its chosen precision as the colour, its share of the predicted layer time
+    as the height where the search priced latency, its score as a second row."""
+    layers = record["search"]["layers"]
+    names = [layer["name"] for layer in layers]
+    times = [layer["predicted_ms"] for layer in layers]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.22 * len(layers)), 5), sharex=True)
+    colors = [PRECISION_COLORS.get(layer["precision"], "k") for layer in layers]
+    if all(t is not None for t in times):
+        total = sum(times) or 1.0
+        top.bar(range(len(layers)), [100 * t / total for t in times], color=colors)
+        top.set_ylabel("share of predicted\nlayer time (%)")
+    else:
+        top.bar(range(len(layers)), [1] * len(layers), color=colors)
+        top.set_ylabel("precision")
+        top.set_yticks([])
+    bottom.bar(range(len(layers)), [layer["loss"] for layer in layers], color=colors)
+    bottom.set_ylabel(f"{record['search']['method']} score\nat the chosen precision")
+    bottom.set_xticks(range(len(layers)), names, rotation=90, fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=PRECISION_COLORS.get(p, "k")) for p in sorted({layer["precision"] for layer in layers})]
+    top.legend(handles, sorted({layer["precision"] for layer in layers}), fontsize=8, ncol=4, loc="upper right")
+    return _png(figure)

@@ -33,11 +33,12 @@ class BuildRecord:
     tensorrt_engine: dict | None = None  # TensorRT targets: the engine, or why none was built
     measured: dict | None = None  # latency and fidelity, where measured
     not_measured: str | None = None  # what was not measured, and why
+    artifact_bytes: dict | None = None  # file name -> size in bytes
     format: str = FORMAT
 
     # build.json's key order, kept from the first format: optional sections sit before the timings.
     _ORDER = ("format", "model", "target", "policy", "options", "proxy", "calibration", "layers", "ties",
-              "artifacts", "versions", "machine", "seed", "search", "tensorrt_engine", "measured", "not_measured",
+              "artifacts", "artifact_bytes", "versions", "machine", "seed", "search", "tensorrt_engine", "measured", "not_measured",
               "timings")
 
     def to_json(self) -> dict:

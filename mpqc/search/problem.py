@@ -76,7 +76,25 @@ class SearchProblem:
             "predicted_ms": solution.latency_ms,
             "solve_seconds": solution.solve_seconds,
             "scores_cached": self.scores_cached,
+            # Per layer, what the report shows beside the chosen precision: its score and its
+            # predicted time (the table's layer term; edges and overhead are not any one layer's).
+            "layers": [{"name": name, "precision": p, "loss": float(self.loss[(name, p)]),
+                        "predicted_ms": None if self.latency is None else float(self.latency.layer_ms[(name, p)])}
+                       for name, p in solution.assignments.items()],
         }
+
+    def uniform_points(self, resource: str) -> dict[str, dict]:
+        """Each precision applied wherever a layer can take it (fp32 elsewhere): its predicted cost
+        of `resource` and its summed loss, for marking beside a front."""
+        cost_field = PARETO_RESOURCES[resource][2]
+        points = {}
+        for name in sorted({p for names in self.candidates.values() for p in names}):
+            chosen = {layer.name: name if name in self.candidates[layer.name] else "fp32" for layer in self.layers}
+            costs = {"latency_ms": lambda: self.latency.predict(chosen) if self.latency is not None else None,
+                     "bitops": lambda: sum(self.bitops[item] for item in chosen.items()),
+                     "size_bytes": lambda: sum(self.size_bytes[item] for item in chosen.items())}
+            points[name] = {"cost": costs[cost_field](), "objective": float(sum(self.loss[item] for item in chosen.items()))}
+        return points
 
     def solve(self, latency_budget_ms: float | None) -> tuple[Policy, dict]:
         solution = solve(self._names(), self.candidates, self.loss, **self._constraints(latency_budget_ms))
@@ -114,7 +132,9 @@ class SearchProblem:
             })
         middle = (len(front) - 1) // 2
         policy, record = self._policy(front[middle]), self._record(front[middle], self.budgets.ms)
-        record["pareto"] = {"resource": resource, "points": len(points), "built_point": middle, "budget": points[middle]["budget"]}
+        record["pareto"] = {"resource": resource, "points": len(points), "built_point": middle, "budget": points[middle]["budget"],
+                            "front": [{k: point[k] for k in ("budget", "cost", "objective", "counts")} for point in points],
+                            "uniform": self.uniform_points(resource)}
         document = {
             "format": "mpqc.pareto/1",
             "model": self.model,

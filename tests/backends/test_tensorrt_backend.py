@@ -221,7 +221,7 @@ def test_a_tensorrt_build_without_tensorrt_succeeds_and_says_no_engine_was_built
     assert "no tensorrt engine built: TensorRT is not installed" in capsys.readouterr().out
     record = json.loads((out / "build.json").read_text())
     assert record["tensorrt_engine"] == {"engine_built": False, "reason": trt_backend.MISSING_TENSORRT}
-    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "report.html"}
     assert "model.engine" not in record["artifacts"]
 
 

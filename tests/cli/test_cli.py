@@ -23,7 +23,7 @@ def test_build_the_mnist_example_on_ort_cpu(tmp_path, capsys):
     out = tmp_path / "build"
     result = _run_json(capsys, "build", "mnist-cnn", "--target", "ort-cpu", "--out", str(out), "--runs", "5", "--warmup", "1")
     record = result["build"]
-    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "report.html"}
     assert json.loads((out / "build.json").read_text()) == record
     fidelity = record["measured"]["fidelity"]
     assert fidelity["reference_accuracy"] >= 0.985

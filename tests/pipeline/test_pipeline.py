@@ -54,10 +54,12 @@ def test_mpqc_report_re_renders_the_builds_own_report_byte_for_byte(tinynet, tmp
     spec, proxy = tinynet
     assert main(["build", spec, "--proxy", str(proxy), "--target", target, "--runs", "3", "--warmup", "1", "--out", "o"]) == 0
     capsys.readouterr()
-    built = (tmp_path / "o" / "report.md").read_bytes()
-    (tmp_path / "o" / "report.md").unlink()
+    built = {name: (tmp_path / "o" / name).read_bytes() for name in ("report.md", "report.html")}
+    for name in built:
+        (tmp_path / "o" / name).unlink()
     assert main(["report", "o"]) == 0
-    assert (tmp_path / "o" / "report.md").read_bytes() == built
+    assert {name: (tmp_path / "o" / name).read_bytes() for name in built} == built
+    built = built["report.md"]
     assert ("## Latency" in built.decode()) == (target == "ort-cpu")  # both renderings were exercised
 
 

@@ -67,7 +67,7 @@ def test_no_cache_writes_nothing_and_the_default_folder_follows_xdg(profiled, tm
 
 
 def _check_front(out, record, resource: str) -> list[dict]:
-    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "pareto.json", "pareto.png"}
+    assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "report.html", "pareto.json", "pareto.png"}
     front = json.loads((out / "pareto.json").read_text())
     assert front["resource"] == resource and len(front["budgets"]) == 12
     points = front["points"]
