@@ -176,11 +176,23 @@ def cmd_check(args) -> dict:
     if violations:
         text = [f"{args.model} breaks {len(violations)} TensorRT rule(s) for target {target.name}:"]
         text += [f"  {violation}" for violation in violations]
+        built_for = _built_for(pathlib.Path(args.model))
+        if built_for is not None and built_for != target.name:
+            text.append(f"hint: this model was built for target '{built_for}', whose lowering is not TensorRT's; "
+                        f"check the model of `mpqc build MODEL --target {target.name}` instead")
     else:
         text = [f"{args.model} follows TensorRT's explicit-quantization rules for target {target.name}"]
     return {"model": args.model, "target": target.name, "int4_conv_plugin": plugin,
             "violations": [dataclasses.asdict(v) for v in violations], "_text": "\n".join(text),
             "_exit": 1 if violations else 0}
+
+
+def _built_for(model: pathlib.Path) -> str | None:
+    """The target an mpqc build folder's model was built for, from the build.json beside it."""
+    try:
+        return json.loads((model.parent / "build.json").read_text())["target"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not an mpqc build folder: no hint
 
 
 def cmd_profile(args) -> dict:

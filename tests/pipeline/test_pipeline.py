@@ -165,3 +165,16 @@ def test_a_users_own_metric_joins_the_fidelity_and_its_failures_are_one_line(tin
         assert main([*common, "--metric", f"mymetrics:{name}", "--out", f"o-{name}"]) == 2
         assert message in _one_error_line(capsys)
         assert not (tmp_path / f"o-{name}").exists()
+
+
+def test_check_on_a_build_for_another_target_says_which_model_to_check(tinynet, tmp_path, capsys):
+    spec, proxy = tinynet
+    assert main(["build", spec, "--proxy", str(proxy), "--no-measure", "--out", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["check", "cpu/model.qdq.onnx", "--target", "trt-a100"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("hint: this model was built for target 'ort-cpu'") and "--target trt-a100" in lines[-1]
+    assert main(["build", spec, "--proxy", str(proxy), "--no-measure", "--target", "trt-a100", "--out", "gpu"]) == 0
+    capsys.readouterr()
+    assert main(["check", "gpu/model.qdq.onnx", "--target", "trt-a100"]) == 0
+    assert "hint" not in capsys.readouterr().out
