@@ -197,9 +197,11 @@ def _built_for(model: pathlib.Path) -> str | None:
 
 def cmd_profile(args) -> dict:
     from mpqc.pipeline.profile import profile_target
+    from mpqc.progress import shown as progress_shown
 
     target, result = profile_target(args.model, args.target, args.proxy, args.batch, args.tables,
-                                    shapes=dict(args.shape), fit_policies=args.fit_policies, force=args.force, progress=not args.json)
+                                    shapes=dict(args.shape), fit_policies=args.fit_policies, force=args.force,
+                                    progress=progress_shown())
     counts, fit = result["layers"], result["fit"]
     result["_text"] = (
         f"profiled {args.model} on {target.name} ({target.backend}, batch {args.batch}): {counts['distinct']} layer measurements, "
@@ -403,6 +405,9 @@ def _run(argv: list[str] | None) -> int:
         args = make_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse printed as one line
         return exc.code if isinstance(exc.code, int) else 2
+    from mpqc import progress
+
+    progress.set_quiet(getattr(args, "json", False))  # JSON output stays the only thing printed
     try:
         result = args.handler(args)
     except MpqcError as exc:

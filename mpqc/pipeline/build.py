@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from mpqc import progress
 from mpqc.backends.base import Backend, backend_for
 from mpqc.backends.onnxruntime.runner import int8_saturation_note
 from mpqc.bench.fidelity import output_agreement
@@ -53,7 +54,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
     clock = time.perf_counter()
     target = load_target(options.target)
     backend = backend_for(target)
-    analysis = analyze(options.model)
+    with progress.stage(f"loading {options.model}"):
+        analysis = analyze(options.model)
     timings["frontend_and_passes_s"] = time.perf_counter() - clock
 
     search = None
@@ -64,7 +66,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         feeds, proxy_origin = proxy_feeds(options.proxy_source(), analysis.loaded)
         clock = time.perf_counter()
         labels = proxy_labels(options.proxy_source(), analysis.loaded, len(next(iter(feeds.values()))))
-        problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
+        with progress.stage("scoring layers for the search"):
+            problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
         if options.pareto is not None:
             policy, search, front = problem.pareto(options.pareto)
             extra_files = _pareto_files(front)
@@ -77,15 +80,17 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         feeds, proxy_origin = (proxy_feeds(options.proxy_source(), analysis.loaded) if needs_data or options.proxy else ({}, None))
 
     clock = time.perf_counter()
-    lowering = Lowering.prepare(analysis, target, feeds, options.calibration_settings())
+    with progress.stage("calibrating"):
+        lowering = Lowering.prepare(analysis, target, feeds, options.calibration_settings())
     timings["calibration_s"] = time.perf_counter() - clock
 
     # A --pareto build lowers a point of the front as it is: re-solving for the budget would leave the front.
     if (search is not None and options.budget_ms is not None and options.pareto is None and options.measure
             and backend.measures_latency):
         clock = time.perf_counter()
-        policy, search = _meet_latency_budget(problem, policy, search, lowering, analysis.loaded, feeds, options.budget_ms,
-                                              options.batch)
+        with progress.stage(f"measuring the chosen policy against the {options.budget_ms:g} ms budget"):
+            policy, search = _meet_latency_budget(problem, policy, search, lowering, analysis.loaded, feeds, options.budget_ms,
+                                                  options.batch)
         timings["budget_verification_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -102,8 +107,9 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
     measured = not_measured = None
     metric = load_callable(options.metric, "metric", "{name: number}") if options.metric else None
     if options.measure:
-        measured, not_measured, search = _measurements(options, backend, analysis, target, lowering, model_bytes, policy,
-                                                       feeds, search, timings, metric)
+        with progress.stage("measuring fidelity and latency"):
+            measured, not_measured, search = _measurements(options, backend, analysis, target, lowering, model_bytes, policy,
+                                                           feeds, search, timings, metric)
     record = BuildRecord(
         model={"spec": options.model, "kind": analysis.loaded.kind, "float_sha256": analysis.loaded.sha256()},
         target={"name": target.name, "file_sha256": hashlib.sha256(target.path.read_bytes()).hexdigest()},

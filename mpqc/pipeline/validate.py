@@ -16,6 +16,7 @@ import time
 import numpy as np
 from scipy import stats
 
+from mpqc import progress
 from mpqc.backends.base import backend_for
 from mpqc.bench.latency import measure_latency
 from mpqc.costmodel.fit import latency_model
@@ -61,7 +62,7 @@ def validate(
     signatures = {layer.name: layer_signature(analysis.model, layer) for layer in analysis.layers}
 
     rows = []
-    for policy in candidates:
+    for policy in progress.bar(candidates, "measuring policies", unit="policy"):
         runner = backend.load(lowering.lower(policy), target)
         measured = measure_latency(runner, timing_feeds, warmup=10, runs=runs)
         chosen = policy.as_dict
@@ -77,7 +78,7 @@ def validate(
     measured = np.array([r["measured_ms"] for r in rows])
     # A second, independent measurement of every policy: how well the measurement predicts itself
     # is the ceiling any predictor can reach on this machine.
-    for policy, row in zip(candidates, rows):
+    for policy, row in progress.bar(zip(candidates, rows), "measuring them again", total=len(rows), unit="policy"):
         runner = backend.load(lowering.lower(policy), target)
         row["measured_again_ms"] = measure_latency(runner, timing_feeds, warmup=10, runs=runs).median_ms
     noise = _noise_floor(lowering, candidates[: min(2, len(candidates))], timing_feeds, runs, noise_repeats)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mpqc import progress
 from mpqc.errors import MpqcError
 from mpqc.passes.layers import Layer
 from mpqc.precision import Precision, precision
@@ -99,7 +100,8 @@ def average_hessian_traces(
     generator = torch.Generator().manual_seed(context.seed)
     sums = [0.0] * len(weights)
     with _gradients_for(module, weights), torch.inference_mode(False), torch.enable_grad():
-        for indices, inputs in context.batches(np.random.default_rng(context.seed), indices=np.arange(count)):
+        batches = context.batches(np.random.default_rng(context.seed), indices=np.arange(count))
+        for indices, inputs in progress.bar(batches, "hawq Hessian traces", total=-(-count // context.batch_size), unit="batch"):
             batch_traces = _batch_traces(module, inputs, objective, indices, weights, iterations, generator)
             for i, trace in enumerate(batch_traces):
                 # Batch means weighted by batch size: the trace of the mean loss over all `count` samples.

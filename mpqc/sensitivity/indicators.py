@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mpqc import progress
 from mpqc.errors import MpqcError
 from mpqc.precision import precision
 from mpqc.sensitivity import distributed
@@ -125,10 +126,10 @@ def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) 
     total = sum(len(batches) for batches in epochs)
     trainer = _Trainer(context, quantized, labels, regularizer, reference, attribution_module, world_size, total)
     steps = 0
-    for batches in epochs:
-        for indices in batches:
-            trainer.step(indices, [*quantized.uniform_settings(), quantized.random_setting(context.seed, steps)])
-            steps += 1
+    for indices in progress.bar((i for batches in epochs for i in batches), f"training {'seam' if regularize else 'limpq'} "
+                                f"indicators", total=total, unit="step"):
+        trainer.step(indices, [*quantized.uniform_settings(), quantized.random_setting(context.seed, steps)])
+        steps += 1
     trainer.close()
 
     weight_steps, activation_steps, divergence = quantized.learned_steps(world_size)

@@ -21,6 +21,7 @@ import torch
 from onnx import numpy_helper
 from torch.nn import functional as F
 
+from mpqc import progress
 from mpqc.calibrate.ranges import calibrate, run_tensors
 from mpqc.lower import numerics
 from mpqc.passes.layers import Layer
@@ -145,7 +146,9 @@ def qerror_scores(
 
     tensors = list(dict.fromkeys(name for plan in plans for name in (plan.layer.activation, plan.layer.output)))
     with torch.inference_mode():
-        for values in run_tensors(float_model, tensors, feeds, batch_size):
+        count = len(next(iter(feeds.values())))
+        for values in progress.bar(run_tensors(float_model, tensors, feeds, batch_size), f"qerror of {len(plans)} layers",
+                                   total=-(-count // batch_size), unit="batch"):
             for plan in plans:
                 plan.accumulate(values)
     for plan in plans:

@@ -1,0 +1,52 @@
+"""Progress shows on a terminal, and only there: a build run on a pseudo-terminal prints its stages
+and bars to stderr; with --json, or into a pipe, it prints none of them."""
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
+
+def _on_a_terminal(argv, cwd) -> str:
+    """stderr of `mpqc argv` when stderr is a terminal (stdout goes to a pipe, as a script reads it)."""
+    leader, follower = pty.openpty()
+    # A fresh pseudo-terminal is 0 columns wide, where tqdm draws nothing: give it a real size.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "mpqc.cli", *argv], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=600)
+    os.close(leader)
+    assert process.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_build_on_a_terminal_shows_its_stages_and_bars(tinynet, tmp_path):
+    spec, proxy = tinynet
+    shown = _on_a_terminal(["build", spec, "--proxy", str(proxy), "--policy", "search", "--method", "qerror",
+                            "--budget-bitops", "1e12", "--no-cache", "--runs", "3", "--warmup", "0", "--out", "a"], tmp_path)
+    for stage in ("mpqc: loading tinynet:make", "mpqc: scoring layers for the search", "mpqc: calibrating",
+                  "mpqc: measuring fidelity and latency"):
+        assert stage in shown, shown
+    assert "mpqc: qerror of" in shown  # the scoring's own bar
+    quiet = _on_a_terminal(["build", spec, "--proxy", str(proxy), "--runs", "3", "--warmup", "0", "--out", "b", "--json"], tmp_path)
+    assert "mpqc:" not in quiet
+
+
+def test_progress_stays_out_of_a_pipe(tinynet, tmp_path):
+    spec, proxy = tinynet
+    done = subprocess.run([sys.executable, "-m", "mpqc.cli", "build", spec, "--proxy", str(proxy), "--runs", "3", "--warmup", "0",
+                           "--out", "c"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=True)
+    assert done.stderr == ""
