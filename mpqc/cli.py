@@ -31,6 +31,7 @@ def _build_options(args, policy: str):
         epochs=args.epochs,
         gmpq=args.gmpq,
         budget_ms=args.budget_ms,
+        budget_speedup=args.budget_speedup,
         budget_bitops=args.budget_bitops,
         budget_bytes=args.budget_bytes,
         tables=args.tables,
@@ -252,6 +253,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=_int_range(0, 10_000), default=3, help="indicator training passes over the proxy data (seam, limpq)")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     parser.add_argument("--budget-ms", type=_float_range(0.0, 1e9, low_open=True), help="latency budget on the target, from its measured table")
+    parser.add_argument("--budget-speedup", type=_float_range(0.0, 1000.0, low_open=True),
+                        help="latency budget as a speed-up over the FP32 model measured on this machine (e.g. 1.3)")
     parser.add_argument("--budget-bitops", type=_float_range(0.0, 1e30, low_open=True), help="BitOps budget (MACs x weight bits x activation bits)")
     parser.add_argument("--budget-bytes", type=_float_range(0.0, 1e15, low_open=True), help="weight size budget in bytes")
     parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")

@@ -45,6 +45,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
     """Run the whole build; write the artifacts to `out` (if given) and return build.json's record."""
     if out is not None:
         check_out_dir(out)
+    request = options  # as the user gave it: a --budget-speedup build derives budget_ms below
     if options.pareto is not None and not options.searches:
         raise MpqcError("--pareto sweeps a budget of the search: use it with --policy search")
     options.check_consistent()
@@ -65,6 +66,10 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
 
         feeds, proxy_origin = proxy_feeds(options.proxy_source(), analysis.loaded)
         clock = time.perf_counter()
+        speedup = None
+        if options.budget_speedup is not None:
+            speedup = _speedup_budget(options, backend, analysis, target, feeds)
+            options = dataclasses.replace(options, budget_ms=speedup["budget_ms"])
         labels = proxy_labels(options.proxy_source(), analysis.loaded, len(next(iter(feeds.values()))))
         with progress.stage("scoring layers for the search"):
             problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
@@ -73,6 +78,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
             extra_files = _pareto_files(front)
         else:
             policy, search = problem.solve(options.budget_ms)
+        if speedup is not None:
+            search["budget_speedup"] = speedup
         timings["search_s"] = time.perf_counter() - clock
     else:
         policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
@@ -114,7 +121,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         model={"spec": options.model, "kind": analysis.loaded.kind, "float_sha256": analysis.loaded.sha256()},
         target={"name": target.name, "file_sha256": hashlib.sha256(target.path.read_bytes()).hexdigest()},
         policy={"source": policy.source, "counts": _counts(policy)},
-        options=dataclasses.asdict(options),
+        options=dataclasses.asdict(dataclasses.replace(options, budget_ms=request.budget_ms)),
         proxy={"origin": proxy_origin, "samples": len(next(iter(feeds.values()))) if feeds else 0,
                "sha256": feeds_sha256(feeds) if feeds else None},
         calibration={"method": options.calibration, "tensors": len(lowering.ranges), "bias_correction": options.bias_correction},
@@ -159,6 +166,19 @@ def _measurements(options: BuildOptions, backend: Backend, analysis: Analysis, t
         measured_ms = measured["latency_built"]["median_ms"]
         search = search | {"measured_ms": measured_ms, "budget_met": measured_ms <= options.budget_ms}
     return measured, None, search
+
+
+def _speedup_budget(options: BuildOptions, backend: Backend, analysis: Analysis, target: Target, feeds) -> dict:
+    """The latency budget of --budget-speedup: the FP32 model's latency, measured here now on the
+    batch the build times, over the speed-up asked for."""
+    if not backend.measures_latency:
+        raise MpqcError(f"--budget-speedup needs the FP32 latency on the target, and mpqc does not time target "
+                        f"'{target.name}' ({target.backend}); give --budget-ms from `mpqc profile` on the device")
+    loaded = analysis.loaded
+    timing = first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, options.batch)
+    runner = backend.load(ir.to_proto(analysis.model).SerializeToString(), target)
+    fp32_ms = measure_latency(runner, timing, warmup=10, runs=50).median_ms
+    return {"speedup": options.budget_speedup, "fp32_measured_ms": fp32_ms, "budget_ms": fp32_ms / options.budget_speedup}
 
 
 def _pareto_files(front: dict) -> dict[str, bytes]:

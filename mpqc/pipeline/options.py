@@ -14,7 +14,8 @@ from mpqc.lower.lowering import CalibrationSettings
 from mpqc.search.problem import Budgets
 
 # Options only `--policy search` reads, with the flag that sets each (for the error that names it).
-SEARCH_ONLY = {"method": "--method", "epochs": "--epochs", "gmpq": "--gmpq", "budget_ms": "--budget-ms", "budget_bitops": "--budget-bitops",
+SEARCH_ONLY = {"method": "--method", "epochs": "--epochs", "gmpq": "--gmpq", "budget_ms": "--budget-ms",
+               "budget_speedup": "--budget-speedup", "budget_bitops": "--budget-bitops",
                "budget_bytes": "--budget-bytes", "pareto": "--pareto"}
 
 
@@ -35,6 +36,7 @@ class BuildOptions:
     epochs: int = 3  # indicator training passes over the proxy data (limpq, seam)
     gmpq: bool = False  # add the attribution-imitation term to indicator training
     budget_ms: float | None = None
+    budget_speedup: float | None = None  # a latency budget of the measured FP32 latency / this
     budget_bitops: float | None = None
     budget_bytes: float | None = None
     tables: str | None = None  # folder of latency tables (default: beside the target file)
@@ -58,6 +60,10 @@ class BuildOptions:
 
     def check_consistent(self) -> None:
         """Refuse options that contradict each other before any work starts."""
+        if self.budget_speedup is not None and (self.budget_ms is not None or self.pareto == "ms"):
+            raise MpqcError("--budget-speedup sets the latency budget itself: drop --budget-ms (or --pareto ms)")
+        if self.budget_speedup is not None and not self.measure:
+            raise MpqcError("--budget-speedup is relative to the FP32 latency measured on this machine: drop --no-measure")
         if self.searches:
             return
         given = self.search_only_flags_given()

@@ -245,7 +245,7 @@ def test_hostile_latency_tables(data):
 
 _OPTION_VALUES = st.sampled_from(["-1", "0", "1", "1e22", str(2**31), "nan", "inf", "-inf", "1e308", "abc", "", "3.5",
                                   "99999999999999999999"])
-_OPTIONS = ["--seed", "--runs", "--warmup", "--batch", "--proxy-limit", "--percentile", "--epochs", "--budget-ms",
+_OPTIONS = ["--seed", "--runs", "--warmup", "--batch", "--proxy-limit", "--percentile", "--epochs", "--budget-ms", "--budget-speedup",
             "--budget-bitops", "--budget-bytes"]
 
 

@@ -100,3 +100,19 @@ def test_pareto_refuses_a_budget_of_the_same_resource(profiled, tmp_path, capsys
     assert main(["build", spec, *common, "--no-cache", "--pareto", "ms", "--budget-ms", "5", "--out", str(tmp_path / "x")]) == 2
     assert "drop --budget-ms" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_speedup_budget_is_the_measured_fp32_latency_over_the_speedup(profiled, tmp_path, capsys):
+    spec, common = profiled
+    measured = [option for option in common if option != "--no-measure"]
+    record = _search(capsys, spec, measured, tmp_path / "s", "--budget-speedup", "0.5", "--method", "qerror", "--no-cache",
+                     "--runs", "3", "--warmup", "0")
+    speedup = record["search"]["budget_speedup"]
+    assert speedup["speedup"] == 0.5 and speedup["budget_ms"] == pytest.approx(speedup["fp32_measured_ms"] / 0.5)
+    assert record["search"]["budgets"]["ms"] == speedup["budget_ms"] and "budget_met" in record["search"]
+    assert record["options"]["budget_speedup"] == 0.5 and record["options"]["budget_ms"] is None  # the request as given
+    for extra, message in ((["--budget-ms", "5"], "drop --budget-ms"), (["--no-measure"], "drop --no-measure")):
+        assert main(["build", spec, *measured, "--budget-speedup", "1.2", *extra, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["build", spec, "--proxy", common[1], "--budget-speedup", "1.2", "--out", str(tmp_path / "x")]) == 2
+    assert "--budget-speedup only apply to --policy search" in capsys.readouterr().err
