@@ -462,10 +462,16 @@ def _reader_left() -> int:
 def entry() -> None:
     """The `mpqc` command: main(), then exit with its status."""
     status = main()
-    # Everything is written: a Ctrl-C from here on has nothing left to stop, and must not turn a
-    # finished build into a process killed by SIGINT while the interpreter shuts down.
+    # Everything is written: a Ctrl-C from here on has nothing left to stop. Python would still
+    # turn one seen during the run (a library may re-arm it) or during interpreter shutdown into a
+    # death by SIGINT; leaving at once keeps the status main() chose.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a reader that left: nothing to flush to
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -148,9 +148,9 @@ def test_interrupted_builds_leave_no_output_or_a_whole_one(tinynet, tmp_path):
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=300)
-        if process.returncode == 130:
+        if process.returncode == 130:  # nothing written, or (a signal after the final rename) all of it
             assert err.endswith("mpqc: interrupted\n") and "Traceback" not in err
-            assert not out.exists()
+            assert not out.exists() or {"model.qdq.onnx", "build.json"} <= {p.name for p in out.iterdir()}
         else:  # it finished before the signal
             assert process.returncode == 0 and {"model.qdq.onnx", "build.json"} <= {p.name for p in out.iterdir()}
         assert not [p for p in os.listdir(tmp_path) if p.startswith(f".o{i}")]
