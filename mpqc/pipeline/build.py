@@ -314,7 +314,7 @@ def check_out_dir(out: pathlib.Path) -> None:
 
 def _write_atomically(out: pathlib.Path, model_bytes: bytes, policy: Policy, record: BuildRecord,
                       extra_files: dict[str, bytes] | None = None) -> None:
-    """The four artifacts of every build, plus `extra_files` (name -> content) when a build has more."""
+    """The artifacts of every build (model, policy, record, both reports), plus `extra_files` (name -> content) when a build has more."""
     check_out_dir(out.resolve())
 
     def fill(staging: pathlib.Path) -> None:
