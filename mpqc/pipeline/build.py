@@ -175,10 +175,15 @@ def _speedup_budget(options: BuildOptions, backend: Backend, analysis: Analysis,
         raise MpqcError(f"--budget-speedup needs the FP32 latency on the target, and mpqc does not time target "
                         f"'{target.name}' ({target.backend}); give --budget-ms from `mpqc profile` on the device")
     loaded = analysis.loaded
-    timing = first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, options.batch)
+    timing = _timing_batch(loaded, feeds, options.batch)
     runner = backend.load(ir.to_proto(analysis.model).SerializeToString(), target)
     fp32_ms = measure_latency(runner, timing, warmup=10, runs=50).median_ms
     return {"speedup": options.budget_speedup, "fp32_measured_ms": fp32_ms, "budget_ms": fp32_ms / options.budget_speedup}
+
+
+def _timing_batch(loaded, feeds, batch: int) -> dict[str, np.ndarray]:
+    """The batch a build times policies on: from the example's held-out set, else the proxy data."""
+    return first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, batch)
 
 
 def _pareto_files(front: dict) -> dict[str, bytes]:
@@ -197,7 +202,7 @@ def _meet_latency_budget(problem, policy, search, lowering, loaded, feeds, budge
     """Measure the chosen policy; while it runs slower than the budget, tighten the ILP's budget
     by the measured overshoot and solve again. The cost model is validated on random policies, but
     an optimizer seeks out exactly the policies it underestimates, so the build checks for real."""
-    timing = first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, batch)
+    timing = _timing_batch(loaded, feeds, batch)
     backend = backend_for(lowering.target)
     ilp_budget, rounds = budget_ms, []
     outcome = f"still over the budget after {_BUDGET_ROUNDS} rounds"
