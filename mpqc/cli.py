@@ -234,6 +234,15 @@ def cmd_validate(args) -> dict:
     return {"out": str(out), "validation": {k: v for k, v in result.items() if k != "rows"}, "_text": text}
 
 
+def cmd_compare(args) -> dict:
+    """Each quantized layer's output against FP32, worst first; --keep-float K: what keeping the worst K float gains."""
+    from mpqc.pipeline.compare import compare
+    from mpqc.report.comparison import render_comparison
+
+    result = compare(pathlib.Path(args.build), args.proxy, args.keep_float)
+    return result | {"_text": render_comparison(result)}
+
+
 def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="bundled example name, model.onnx, or package.module:factory")
     parser.add_argument("--target", default="ort-cpu", help="target name or .toml path (default: ort-cpu)")
@@ -380,6 +389,14 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("build", metavar="DIR", help="a folder written by mpqc build or export")
     report.set_defaults(handler=cmd_report)
 
+    compare = sub.add_parser("compare", help="each quantized layer's output against FP32, worst first (Polygraphy-style)")
+    compare.add_argument("build", metavar="BUILD_DIR", help="a folder written by mpqc build or export")
+    compare.add_argument("--proxy", help="inputs .npz to compare layers on (default: the example's held-out set, "
+                                         "else the build's proxy data)")
+    compare.add_argument("--keep-float", type=_int_range(1, 10_000), metavar="K",
+                         help="lower the policy with each of the worst K layers kept fp32, then all K, and measure the fidelity gained")
+    compare.set_defaults(handler=cmd_compare)
+
     costmodel = sub.add_parser("costmodel", help="cost-model tools").add_subparsers(dest="costmodel_command", required=True)
     validate = costmodel.add_parser("validate", help="predicted vs measured latency over random policies")
     _add_costmodel_arguments(validate)
@@ -389,7 +406,7 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", required=True, help="folder for validation.json and validation.png")
     validate.set_defaults(handler=cmd_validate)
 
-    for command in (build, export, bench, inspect, check, profile, report, validate):
+    for command in (build, export, bench, inspect, check, profile, report, compare, validate):
         command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -27,11 +27,12 @@ def output_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
     return {
         "relative_l2_error": float((error / np.maximum(norm, floor)).mean()),
         "cosine_mean": float(np.clip(cosine, -1.0, 1.0).mean()),
-        "sqnr_db": _sqnr_db(float((ref**2).sum()), float(((ref - cand) ** 2).sum())),
+        "sqnr_db": sqnr_db(float((ref**2).sum()), float(((ref - cand) ** 2).sum())),
     }
 
 
-def _sqnr_db(signal: float, noise: float) -> float:
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) from sums of squares: infinite for no noise, -infinite for no signal."""
     if noise == 0:
         return float("inf")
     return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
