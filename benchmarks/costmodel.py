@@ -4,7 +4,8 @@ For EfficientNet-Lite0 (batch 1) and MiniLM (batch 1, sequence 128): profile fro
 profile again (timed: everything reused), then validate on the uniform policies plus >= 30 random
 mixed ones, with the noise floor of repeated measurements, then search builds at three latency
 budgets (is each met when measured?). Writes
-benchmarks/results/costmodel_<model>.json and .png; the latency tables land in targets/ort-cpu/.
+benchmarks/results/costmodel_<model>.json and .png; the latency tables land in the user's measurements
+folder ($MPQC_TABLES/ort-cpu, else ~/.cache/mpqc/tables/ort-cpu).
 
     python benchmarks/costmodel.py [--policies 30] [--models efficientnet-lite0 minilm]
 """

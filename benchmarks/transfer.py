@@ -36,6 +36,7 @@ from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import analyze
 from mpqc.passes.signatures import layer_signature
 from mpqc.pipeline.options import BuildOptions
+from mpqc.pipeline.profile import profile
 from mpqc.pipeline.search import sensitivity_context
 from mpqc.policy import Policy
 from mpqc.search.ilp import smallest, solve
@@ -205,6 +206,9 @@ def main() -> int:
     analysis = analyze(args.model)
     target = load_target("ort-cpu")
     float_model = ir.to_proto(analysis.model)
+    # The latency sweeps price policies from this machine's table: profile what it lacks first.
+    feeds = {"calibration": example.proxy_feeds(None), "timing": first_batch(example.eval_feeds()[0], 1)}
+    profile(analysis, target, LatencyTable.for_target(target), feeds, 1, progress=False)
     sweeps = Sweeps(analysis, target)
     evaluate = Evaluator(analysis, target, example, args.runs)
     score_candidates = {layer.name: sorted(set(sweeps.bitops_candidates[layer.name]) | set(sweeps.ms_candidates[layer.name]))

@@ -266,7 +266,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latency budget as a speed-up over the FP32 model measured on this machine (e.g. 1.3)")
     parser.add_argument("--budget-bitops", type=_float_range(0.0, 1e30, low_open=True), help="BitOps budget (MACs x weight bits x activation bits)")
     parser.add_argument("--budget-bytes", type=_float_range(0.0, 1e15, low_open=True), help="weight size budget in bytes")
-    parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
+    parser.add_argument("--tables", help="folder of latency tables, read and written "
+                             "(default: $MPQC_TABLES/TARGET or ~/.cache/mpqc/tables/TARGET, and tables shipped beside the target file)")
     parser.add_argument("--no-measure", action="store_true", help="skip latency and fidelity measurement")
     parser.add_argument("--metric", metavar="MODULE:FUNCTION",
                         help="your own fidelity evaluator: FUNCTION(reference, candidate, labels) -> {name: number}, "
@@ -290,7 +291,8 @@ def _add_costmodel_arguments(parser: argparse.ArgumentParser) -> None:
                                          "its arrays also fix an input's symbolic dimensions")
     parser.add_argument("--shape", action="append", type=_shape, default=[], metavar="NAME:DIMS",
                         help="fix a symbolic input's dimensions, e.g. input:1x3x224x224 (the first stays the batch)")
-    parser.add_argument("--tables", help="folder of latency tables (default: beside the target file)")
+    parser.add_argument("--tables", help="folder of latency tables, read and written "
+                             "(default: $MPQC_TABLES/TARGET or ~/.cache/mpqc/tables/TARGET, and tables shipped beside the target file)")
 
 
 # Bounds of the timing options: more runs or a larger batch than this is a typo, not a measurement,

@@ -36,6 +36,17 @@ TINYNET = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _measurements_in_a_temporary_folder(tmp_path_factory):
+    """Latency tables a test profiles go to a folder of the test session's, never the user's cache.
+
+    Session-wide, so module-scoped fixtures and the mpqc processes tests start see it too.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPQC_TABLES", str(tmp_path_factory.mktemp("mpqc-tables")))
+        yield
+
+
 @pytest.fixture()
 def tinynet(tmp_path, monkeypatch):
     """Writes tinynet.py and proxy.npz into a working folder and returns (spec, proxy path)."""

@@ -2,7 +2,7 @@
 
 A table is only valid on the machine and runtime that measured it, so its file name is derived
 from that fingerprint; a table for another CPU or ONNX Runtime version, or for another GPU or
-TensorRT version, is never read.
+TensorRT version, is never read. Tables are written to a per-user folder, not beside the target.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pathlib
 import re
 
 from mpqc.backends.base import backend_for
+from mpqc.cache_folders import measurements_folder
 from mpqc.errors import MpqcError
 from mpqc.files import read_text, write_atomically
 from mpqc.targets import Target
@@ -45,20 +46,36 @@ class LatencyTable:
 
     @classmethod
     def for_target(cls, target: Target, folder: str | pathlib.Path | None = None) -> "LatencyTable":
-        """The table of this machine for `target` (empty if never measured here)."""
+        """The table of this machine for `target` (empty if never measured here).
+
+        With `folder` (--tables) it is read from and saved there. Otherwise it is saved in the
+        user's measurements folder (mpqc.cache_folders) and read from there, or, until one is saved
+        there, from a table shipped beside the target file (targets/<name>/) for this machine.
+        """
         print_ = fingerprint(target)
-        folder = pathlib.Path(folder) if folder else target.path.parent / target.name
-        path = folder / f"{fingerprint_id(print_)}.json"
+        name = f"{fingerprint_id(print_)}.json"
+        if folder:
+            return cls._read(pathlib.Path(folder) / name, print_, "give --tables a folder")
+        path = measurements_folder(target.name) / name
+        shipped = target.path.parent / target.name / name
+        table = cls._read(path, print_, "set MPQC_TABLES to a folder")
+        if not path.is_file() and shipped.is_file():
+            table = dataclasses.replace(cls._read(shipped, print_), path=path)
+        return table
+
+    @classmethod
+    def _read(cls, path: pathlib.Path, print_: dict, remedy: str = "") -> "LatencyTable":
+        """The table in `path` (empty if there is none); `remedy`: what to do when its folder is a file."""
         try:
-            if folder.exists() and not folder.is_dir():
-                raise MpqcError(f"latency tables folder '{folder}' is a file; "
-                                f"give --tables a folder (one table per machine lives there)")
+            folder = next(parent for parent in path.parents if parent.exists())
+            if not folder.is_dir():
+                raise MpqcError(f"latency tables folder '{folder}' is a file; {remedy} (one table per machine lives there)")
             if not path.is_file():
                 return cls(path, print_, {}, {})
             data = _read_json(path)
         except OSError as exc:
             raise MpqcError(f"latency table '{path}' cannot be read ({exc.strerror or exc}); "
-                            f"check --tables and its permissions") from None
+                            f"check the folder and its permissions") from None
         if data.get("fingerprint") != print_:
             raise MpqcError(f"latency table '{path}' was measured on another machine, GPU or runtime; run 'mpqc profile' here")
         return cls(path, print_, _entries(data.get("entries", {}), path), _models(data.get("models", {}), path))

@@ -39,7 +39,7 @@ class BuildOptions:
     budget_speedup: float | None = None  # a latency budget of the measured FP32 latency / this
     budget_bitops: float | None = None
     budget_bytes: float | None = None
-    tables: str | None = None  # folder of latency tables (default: beside the target file)
+    tables: str | None = None  # folder of latency tables (default: mpqc.cache_folders, and those shipped with the target)
     pareto: str | None = None  # "ms", "bitops" or "bytes": also write the loss-vs-cost front of that resource
     cache_dir: str | None = None  # sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)
     use_cache: bool = True

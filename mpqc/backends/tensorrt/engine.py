@@ -28,6 +28,7 @@ import onnx
 from mpqc.backends.base import Runner
 from mpqc.backends.tensorrt.inspector import engine_float_type, layer_precisions, precision_report
 from mpqc.backends.tensorrt.int4_conv_plugin_graph import int4_conv_nodes, rewrite_int4_convs
+from mpqc.cache_folders import measurements_folder
 from mpqc.errors import MpqcError
 from mpqc.files import write_atomically
 from mpqc.targets import Runtime, Target
@@ -338,12 +339,13 @@ def device_fingerprint() -> dict:
 
 
 def timing_cache_path(target: Target, folder: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Beside the target's latency tables, named by GPU and TensorRT version (a cache from
-    another GPU or version is useless, and TensorRT would refuse it)."""
+    """Beside the target's latency tables (--tables, else the user's measurements folder), named
+    by GPU and TensorRT version (a cache from another GPU or version is useless, and TensorRT
+    would refuse it)."""
     print_ = device_fingerprint()
     key = hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()[:12]
     name = target.runtime.timing_cache or f"{target.name}.timing.cache"
-    folder = pathlib.Path(folder) if folder else target.path.parent / target.name
+    folder = pathlib.Path(folder) if folder else measurements_folder(target.name)
     return folder / f"{key}.{name}"
 
 
