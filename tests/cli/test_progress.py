@@ -1,13 +1,17 @@
 """Progress shows on a terminal, and only there: a build run on a pseudo-terminal prints its stages
-and bars to stderr; with --json, or into a pipe, it prints none of them."""
+and bars to stderr; with --json, or into a pipe, it prints none of them. EfficientNet-Lite0's build,
+profile and cost-model validation, which take tens of seconds each, show theirs (marked slow)."""
 
 import fcntl
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
 import termios
+
+import pytest
 
 
 def _on_a_terminal(argv, cwd) -> str:
@@ -29,8 +33,9 @@ def _on_a_terminal(argv, cwd) -> str:
         chunks.append(chunk)
     process.wait(timeout=600)
     os.close(leader)
-    assert process.returncode == 0
-    return b"".join(chunks).decode(errors="replace")
+    shown = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, shown[-2000:]
+    return shown
 
 
 def test_a_build_on_a_terminal_shows_its_stages_and_bars(tinynet, tmp_path):
@@ -50,3 +55,25 @@ def test_progress_stays_out_of_a_pipe(tinynet, tmp_path):
     done = subprocess.run([sys.executable, "-m", "mpqc.cli", "build", spec, "--proxy", str(proxy), "--runs", "3", "--warmup", "0",
                            "--out", "c"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=True)
     assert done.stderr == ""
+
+
+# EfficientNet-Lite0's commands take from tens of seconds to minutes: each must say what it is doing.
+
+
+@pytest.mark.slow
+def test_an_efficientnet_build_on_a_terminal_shows_each_stage_with_its_duration(tmp_path):
+    shown = _on_a_terminal(["build", "efficientnet-lite0", "--policy", "uniform:w8a8", "--runs", "3", "--warmup", "0",
+                            "--out", "a"], tmp_path)
+    for stage in ("loading efficientnet-lite0", "calibrating", "measuring fidelity and latency"):
+        assert f"mpqc: {stage} ..." in shown, shown
+        assert re.search(rf"mpqc: {stage}: \d+\.\d s", shown), shown
+
+
+@pytest.mark.slow
+def test_efficientnet_profiling_and_validation_on_a_terminal_show_their_bars(tmp_path):
+    tables = ["--tables", str(tmp_path / "tables")]
+    profiled = _on_a_terminal(["profile", "efficientnet-lite0", *tables, "--fit-policies", "0"], tmp_path)
+    assert re.search(r"profiling layers: +\d+%.*\| *\d+/100 ", profiled), profiled  # tqdm's bar over its 100 layer measurements
+    validated = _on_a_terminal(["costmodel", "validate", "efficientnet-lite0", *tables, "--policies", "1", "--runs", "5",
+                                "--noise-repeats", "2", "--out", "v"], tmp_path)
+    assert re.search(r"mpqc: [a-z ]+ policies: +\d+%", validated), validated  # the bar over the 3 uniform + 1 random policies
