@@ -64,7 +64,13 @@ _RUNTIME_RANGES = {
 # TensorRT takes 64 or 128 (mpqc.backends.tensorrt.rules.INT4_BLOCK_SIZES, not imported here:
 # that package imports this module).
 _INT4_BLOCK_SIZES = {"onnxruntime": (16, 32, 64, 128, 256), "tensorrt": (64, 128)}
-_LOWERING_KEYS = ("quantize_layer_outputs", "activation_type", "int4_block_size", "float_type")
+_LOWERING_KEYS = ("quantize_layer_outputs", "activation_type", "int4_block_size", "float_type", "region_ops",
+                  "region_passthrough_ops", "int32_gemm_bias")
+# Ops that may join an INT8 region only with every input quantized (a constant input keeps them out).
+_REGION_OP_TYPES = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax")
+# Ops that move or select values: they keep their input's scale, read one data input (input 0).
+_PASSTHROUGH_OP_TYPES = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice",
+                         "Gather", "GatherElements", "Expand", "Tile", "ReduceMax", "ReduceMin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,11 @@ class Target:
     activation_type: str  # "int8" (symmetric, zero point 0) or "uint8" (asymmetric)
     int4_block_size: int
     float_type: str  # "float32" or "float16": the type of every float tensor of the lowered model
+    # Non-layer ops that join a region of INT8 layers (Q/DQ around them), and those among them that
+    # keep their input's scale; a float layer is a region boundary (mpqc.lower.qdq).
+    region_ops: tuple[str, ...]
+    region_passthrough_ops: tuple[str, ...]
+    int32_gemm_bias: bool  # Gemm biases of INT8 layers as INT32 behind a DQ (ONNX Runtime's QGemm needs it)
     deploy: dict[str, tuple[str, ...]]  # op type -> precisions with a real kernel
     evaluate: dict[str, tuple[str, ...]]  # op type -> precisions that can be run numerically
     plugins: Plugins
@@ -136,10 +147,14 @@ def load_target(name_or_path: str) -> Target:
         backend=backend,
         device=_string(data, "device", "cpu", path),
         runtime=_section(Runtime, data.get("runtime", {}), "runtime", path),
-        quantize_layer_outputs=_quantize_layer_outputs(lowering.get("quantize_layer_outputs", False), path),
+        quantize_layer_outputs=_flag(lowering.get("quantize_layer_outputs", False), "quantize_layer_outputs", path),
         activation_type=_activation_type(lowering.get("activation_type", "int8"), path),
         int4_block_size=_int4_block_size(lowering.get("int4_block_size", 64), backend, path),
         float_type=_float_type(lowering.get("float_type", "float32"), path),
+        region_ops=_op_list(lowering.get("region_ops", []), "region_ops", _REGION_OP_TYPES, path),
+        region_passthrough_ops=_op_list(lowering.get("region_passthrough_ops", []), "region_passthrough_ops",
+                                        _PASSTHROUGH_OP_TYPES, path),
+        int32_gemm_bias=_flag(lowering.get("int32_gemm_bias", False), "int32_gemm_bias", path),
         deploy=deploy,
         evaluate=evaluate,
         plugins=_section(Plugins, data.get("plugins", {}), "plugins", path),
@@ -180,9 +195,9 @@ def _precision_table(table, section: str, path: pathlib.Path) -> dict[str, tuple
     return {op: tuple(names) for op, names in table.items()}
 
 
-def _quantize_layer_outputs(value, path: pathlib.Path) -> bool:
+def _flag(value, key: str, path: pathlib.Path) -> bool:
     if not isinstance(value, bool):
-        raise MpqcError(f"target '{path}': [lowering] quantize_layer_outputs must be true or false, not {value!r}")
+        raise MpqcError(f"target '{path}': [lowering] {key} must be true or false, not {value!r}")
     return value
 
 
@@ -198,6 +213,16 @@ def _activation_type(name: str, path: pathlib.Path) -> str:
     if name not in ("int8", "uint8"):
         raise MpqcError(f"target '{path}': [lowering] activation_type must be int8 or uint8, not {name!r}")
     return name
+
+
+def _op_list(value, key: str, known: tuple[str, ...], path: pathlib.Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(op, str) for op in value):
+        raise MpqcError(f"target '{path}': [lowering] {key} must be a list of op type names, not {value!r}")
+    unknown = [op for op in value if op not in known]
+    if unknown:
+        raise MpqcError(f"target '{path}': [lowering] {key} lists op type(s) mpqc cannot place in a region: "
+                        f"{', '.join(unknown)}; use some of {', '.join(known)}")
+    return tuple(dict.fromkeys(value))
 
 
 def _float_type(name: str, path: pathlib.Path) -> str:

@@ -7,6 +7,13 @@ the input of every layer that quantizes activations (TensorRT's explicit-quantiz
 A target may also quantize layer outputs (ONNX Runtime only replaces DQ -> op -> Q units with its
 integer kernels); the output quantizer then sits after a following ReLU/Clip, where TensorRT wants
 it too and where ONNX Runtime can fold the clamp into the zero point.
+
+Between quantized layers a target may also quantize the ops it has integer kernels for (its
+`region_ops`: residual Adds, Concat, pooling) and the ops that only move values (its
+`region_passthrough_ops`, which keep their input's scale so the runtime drops their Q/DQ pair).
+Such an op joins the region when every data input is already quantized, so consecutive INT8
+layers chain through it in integer kernels instead of running as islands with a DQ and a Q at
+every Add. A layer the policy keeps float is a region boundary: nothing it reads is quantized.
 """
 
 from __future__ import annotations
@@ -35,6 +42,13 @@ class ActivationSite:
     value: str
     readers: list[tuple[str, int]]
     prefix: str
+    # The site whose calibrated range this one uses: a pass-through op's output keeps its input's
+    # scale (ONNX Runtime drops DQ -> Reshape -> Q only when both sides agree). None: its own range.
+    range_of: str | None = None
+
+    @property
+    def range_name(self) -> str:
+        return self.range_of or self.value
 
 
 def plan_activation_quantizers(model: ir.Model, layers: list[Layer], policy: Policy, target: Target) -> list[ActivationSite]:
@@ -60,7 +74,30 @@ def plan_activation_quantizers(model: ir.Model, layers: list[Layer], policy: Pol
             readers = [(user.name, index) for user, index in end.uses() if user.name not in float_layers]
             if readers:
                 add(end, readers, f"{layer.name}.output")
+    if target.region_ops or target.region_passthrough_ops:
+        _join_regions(graph, sites, add, {layer.name for layer in layers}, float_layers, target)
     return list(sites.values())
+
+
+def _join_regions(graph: ir.Graph, sites: dict[str, ActivationSite], add, layer_names: set[str],
+                  float_layers: set[str], target: Target) -> None:
+    """Quantize the region ops whose data inputs are all quantized, in graph (topological) order."""
+    for node in graph:
+        passthrough = node.op_type in target.region_passthrough_ops
+        if node.name in layer_names or node.domain not in ("", "ai.onnx") or not (passthrough or node.op_type in target.region_ops):
+            continue
+        data = [node.inputs[0]] if passthrough else list(node.inputs)
+        if not data or any(value is None or value.name not in sites for value in data):
+            continue  # a float or constant input: the op stays float, a region boundary
+        for index, value in enumerate(data):
+            add(value, [(node.name, index)], "")
+        end = through_clamps(node.outputs[0])
+        readers = [(user.name, index) for user, index in end.uses() if user.name not in float_layers]
+        if not readers:
+            continue  # only a graph output or float layers read it: it stays float
+        add(end, readers, f"{node.name or end.name}.output")
+        if passthrough and end is node.outputs[0]:
+            sites[end.name].range_of = sites[data[0].name].range_name
 
 
 def through_clamps(value: ir.Value) -> ir.Value:
@@ -101,9 +138,16 @@ def lower(
         block_size = target.int4_block_size if p.weight_granularity == "block" else None
         _quantize_weight(graph, node, layer, p.weight_bits, block_size, input_means.get(layer.name))
     values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    input_scales = {}
     for site in sites:
-        low, high = ranges[site.value]
-        _quantize_activation(graph, values[site.value], site, nodes, *numerics.activation_params(low, high, target.activation_type))
+        low, high = ranges[site.range_name]
+        scale, zero = numerics.activation_params(low, high, target.activation_type)
+        _quantize_activation(graph, values[site.value], site, nodes, scale, zero)
+        input_scales |= {reader: scale for reader, index in site.readers if index == 0}
+    if target.int32_gemm_bias:
+        for layer in layers:
+            if layer.op_type == "Gemm" and layer.name in input_scales and policy.precision_of(layer.name).weight_bits == 8:
+                _quantize_gemm_bias(graph, nodes[layer.name], input_scales[layer.name])
     graph.sort()
     # The float weights that were replaced by integer ones are now unused.
     return common.RemoveUnusedNodesPass()(model).model
@@ -153,6 +197,30 @@ def _quantize_weight(
     dq.outputs[0].name = f"{prefix}.dequantized"
     graph.insert_before(node, dq)
     node.replace_input_with(1, dq.outputs[0])
+
+
+def _quantize_gemm_bias(graph: ir.Graph, gemm: ir.Node, input_scale: np.float32) -> None:
+    """The bias as INT32 behind a DQ with scale input scale x weight scale, zero point 0.
+
+    ONNX Runtime quantizes Conv and Gemm biases itself only when a Q follows the layer; a Gemm whose
+    output stays float (a classifier's logits) becomes QGemm only with its bias already INT32.
+    """
+    if len(gemm.inputs) < 3 or gemm.inputs[2] is None or gemm.inputs[2].const_value is None:
+        return
+    weight_dq = gemm.inputs[1].producer()
+    bias = gemm.inputs[2].const_value.numpy().astype(np.float64) * gemm.attributes.get_float("beta", 1.0)
+    scales = (np.float64(input_scale) * weight_dq.inputs[1].const_value.numpy().astype(np.float64)).astype(np.float32)
+    if bias.ndim != 1 or bias.shape != scales.shape or gemm.attributes.get_float("alpha", 1.0) != 1.0:
+        return  # a broadcast bias or a scaled product: leave the float bias
+    limit = np.iinfo(np.int32).max
+    q = np.clip(np.rint(bias / scales), -limit, limit).astype(np.int32)
+    prefix = f"{gemm.name}.bias"
+    dq = ir.node("DequantizeLinear", [_constant(graph, f"{prefix}.q", q), _constant(graph, f"{prefix}.scale", scales)],
+                 {"axis": 0}, name=f"{prefix}.dq")
+    dq.outputs[0].name = f"{prefix}.dequantized"
+    graph.insert_before(gemm, dq)
+    gemm.replace_input_with(2, dq.outputs[0])
+    gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
 
 def _subtract_from_bias(graph: ir.Graph, node: ir.Node, layer: Layer, shift: np.ndarray) -> None:
