@@ -202,14 +202,16 @@ def cmd_profile(args) -> dict:
 
     target, result = profile_target(args.model, args.target, args.proxy, args.batch, args.tables,
                                     shapes=dict(args.shape), fit_policies=args.fit_policies, force=args.force,
-                                    progress=progress_shown())
+                                    progress=progress_shown(), force_fit=args.force_fit)
     counts, fit = result["layers"], result["fit"]
     result["_text"] = (
         f"profiled {args.model} on {target.name} ({target.backend}, batch {args.batch}): {counts['distinct']} layer measurements, "
         f"{counts['measured']} new, {counts['reused']} reused\n"
-        f"  boundary ms per edge (float->int8, int8->float, int8->int8): "
-        f"{fit['boundary_ms']['01']:.4f}, {fit['boundary_ms']['10']:.4f}, {fit['boundary_ms']['11']:.4f}; "
-        f"overhead {fit['overhead_ms']:.3f} ms; fit rms residual {fit['fit_rms_residual_ms']:.3f} ms\n"
+        f"  boundary ms per edge (float->float, float->int8, int8->float, int8->int8): "
+        + ", ".join(f"{fit['boundary_ms'].get(kind, 0.0):.4f}" for kind in ("00", "01", "10", "11"))
+        + f"; overhead {fit['overhead_ms']:.3f} ms; fit rms residual {fit['fit_rms_residual_ms']:.3f} ms"
+        + (f" ({fit['fit_rms_relative_residual']:.1%}, noise floor {fit['noise_floor']:.1%})" if fit.get("noise_floor") is not None else "")
+        + (f"\n  WRITTEN WITH --force-fit: {fit['forced']}" if fit.get("forced") else "") + "\n"
         f"  table: {result['table']}"
     )
     return result
@@ -227,9 +229,11 @@ def cmd_validate(args) -> dict:
         f"{args.model} on {result['target']}, batch {args.batch}, {result['policies']} policies: "
         f"{p['within_10pct']:.0%} within ±10% ({p['within_5pct']:.0%} within ±5%), Kendall tau {p['kendall_tau']:.3f}, "
         f"Spearman {p['spearman_rho']:.3f}; BitOps tau {b['kendall_tau']:.3f}; "
-        f"noise floor (range of repeated medians) {result['noise_floor']['max_relative_range']:.1%}, "
+        f"noise floor (spread of one policy's round medians) {result['noise_floor']['noise_floor']:.1%} over "
+        f"{result['noise_floor']['rounds']} interleaved rounds, "
         f"repeat-measurement tau {result['noise_floor']['repeat_agreement']['kendall_tau']:.3f}\n"
-        f"  {out / 'validation.json'}, {out / 'validation.png'}"
+        + "".join(f"  FLAGGED: {problem}\n" for problem in result["flagged"])
+        + f"  {out / 'validation.json'}, {out / 'validation.png'}"
     )
     return {"out": str(out), "validation": {k: v for k, v in result.items() if k != "rows"}, "_text": text}
 
@@ -380,6 +384,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_costmodel_arguments(profile)
     profile.add_argument("--force", action="store_true", help="measure again what the table already has")
     profile.add_argument("--fit-policies", type=_int_range(0, 1000), default=12, help="random policies measured to fit boundary terms")
+    profile.add_argument("--force-fit", action="store_true",
+                         help="fit again, and write the fit even when the measurements do not support it (a noisy machine)")
     profile.set_defaults(handler=cmd_profile)
 
     check = sub.add_parser("check", help="check a QDQ model against TensorRT's explicit-quantization rules (no TensorRT needed)")

@@ -39,3 +39,10 @@ def stage(what: str):
 
 def bar(iterable, what: str, total: int | None = None, unit: str = "it"):
     return tqdm(iterable, desc=f"mpqc: {what}", total=total, unit=unit, disable=not shown(), leave=False, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def counter(what: str, unit: str = "it"):
+    """A bar of unknown length; the context gives the function that advances it by one."""
+    with tqdm(desc=f"mpqc: {what}", unit=unit, disable=not shown(), leave=False, file=sys.stderr) as shown_bar:
+        yield shown_bar.update

@@ -65,3 +65,43 @@ def first_batch(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarra
     count = len(next(iter(feeds.values())))
     index = np.arange(batch) % count
     return {name: np.ascontiguousarray(array[index]) for name, array in feeds.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedTimes:
+    """Per runner, the median of each round: every round times each runner in turn, so load that
+    comes and goes on a shared machine hits all of them alike instead of whichever ran then."""
+
+    round_medians_ms: tuple[tuple[float, ...], ...]  # [runner][round]
+    stable: bool  # no runner's median of rounds moved by more than the tolerance in the last round
+
+    @property
+    def medians_ms(self) -> np.ndarray:
+        return np.array([float(np.median(rounds)) for rounds in self.round_medians_ms])
+
+    @property
+    def noise_floor(self) -> float:
+        """How much one runner's round medians disagree, relative to its median: the median over
+        runners of (max - min) / median. No latency predictor can be judged more finely."""
+        spreads = [(max(r) - min(r)) / float(np.median(r)) for r in self.round_medians_ms if np.median(r) > 0]
+        return float(np.median(spreads)) if spreads else 0.0
+
+
+def measure_interleaved(runners, feeds: dict[str, np.ndarray], runs: int = 30, warmup: int = 5,
+                        min_rounds: int = 3, max_rounds: int = 9, tolerance: float = 0.01, on_round=None) -> InterleavedTimes:
+    """Rounds of (warm-up, `runs` timed runs) over every runner until the medians of rounds are stable."""
+    rounds: list[list[float]] = [[] for _ in runners]
+    previous = None
+    stable = False
+    for done in range(1, max_rounds + 1):
+        for runner, times in zip(runners, rounds):
+            times.append(measure_latency(runner, feeds, warmup=warmup, runs=runs).median_ms)
+        current = np.array([np.median(times) for times in rounds])
+        if on_round is not None:
+            on_round(done)
+        if previous is not None and done >= min_rounds:
+            stable = bool(np.all(np.abs(current - previous) <= tolerance * np.maximum(previous, 1e-9)))
+            if stable:
+                break
+        previous = current
+    return InterleavedTimes(tuple(tuple(times) for times in rounds), stable)

@@ -2,15 +2,19 @@
 fitted to whole-model measurements (mpqc.pipeline.profile measures both).
 
 Layer terms come from micro-models (one per distinct signature x deployable precision, reused
-across models and runs). The table is not additive truth: changing precision between two layers
-adds Quantize/Dequantize and layout work, and the ops between layers cost time too. Those are
-fitted, by least squares, from a few whole-model measurements: one coefficient per kind of edge
-(float->int8, int8->float, int8->int8; float->float is the reference) plus a fixed overhead.
+across models and runs), net of the runtime's per-call cost. The table is not additive truth:
+changing precision between two layers adds Quantize/Dequantize and layout work, and the ops
+between layers cost time too. Those are fitted from whole-model measurements with the signs the
+physics gives them (scipy's bounded least squares): per edge kind a cost per edge and per million
+elements crossing it, plus a fixed overhead, all >= 0, except that an INT8 -> INT8 edge can only
+save time (<= 0): it removes the DQ and the Q that its two micro-models each carried. A fit the
+measurements do not support is refused, never written.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import lsq_linear
 
 from mpqc.costmodel.latency import LatencyModel
 from mpqc.costmodel.policies import random_policy, uniform_policies
@@ -24,13 +28,21 @@ from mpqc.policy import Policy
 from mpqc.precision import precision
 from mpqc.targets import Target
 
-EDGE_KINDS = ((False, True), (True, False), (True, True))  # (producer int8, consumer int8); (False, False) is the reference
+EDGE_KINDS = ((False, False), (False, True), (True, False), (True, True))  # (producer int8, consumer int8)
+SAVING_KINDS = ((True, True),)  # fitted <= 0; every other term >= 0
+# A fit is written only if its RMS residual, relative to the measured latency, is within the
+# measurements' own noise floor or within this, whichever is larger (the cost model is judged at +-10%).
+FIT_TOLERANCE = 0.05
+# Round-to-round spread of repeated medians above which a machine is too noisy to fit on.
+TOO_NOISY = 0.10
+# In the model key: fits of an earlier form (unconstrained, before INT8 regions) are not reused.
+FIT_FORMAT = "fit2"
 # Table entries for a layer whose output nobody quantizes: ONNX Runtime then cannot fuse it.
 FLOAT_OUTPUT = "~float-out"
 
 
 def model_key(analysis: Analysis, batch: int) -> str:
-    return f"{analysis.loaded.sha256()}@b{batch}"
+    return f"{analysis.loaded.sha256()}@b{batch}@{FIT_FORMAT}"
 
 
 def layer_terms(analysis: Analysis, target: Target, table: LatencyTable, batch: int) -> dict[tuple[str, str], float]:
@@ -112,30 +124,57 @@ def edge_features(edges, elements: dict[str, float], policy: Policy) -> np.ndarr
     return np.concatenate([counts, sizes])
 
 
-def fit_boundaries(analysis, target, terms, policies: list[Policy], batch: int, measure) -> dict:
-    """Least squares for the edge-kind coefficients and the overhead from whole-model latencies.
+def fit_boundaries(analysis, target, terms, policies: list[Policy], batch: int, measured_ms,
+                   noise_floor: float | None = None, force: bool = False) -> dict:
+    """Edge-kind coefficients and the overhead from whole-model latencies (`measured_ms`, one per
+    policy, end to end on the target's runtime: an ONNX Runtime session, a TensorRT engine).
 
-    measure(policy) -> milliseconds, end to end on the target's runtime (an ONNX Runtime session,
-    a TensorRT engine): the fit is the same whatever runs the model.
+    `noise_floor` is the relative spread of repeated medians (None: not measured). Refused with one
+    line, unless `force`, when the machine is too noisy or the fit does not explain the measurements.
     """
     edges = layer_edges(analysis.model, analysis.layers)
     elements = edge_elements(analysis, batch)
     specific = LatencyModel(terms, edges, {}, 0.0, unfused_penalties(analysis, target, terms, edges))
-    rows, targets = [], []
-    for policy in policies:
-        measured = measure(policy)
-        rows.append(np.concatenate([edge_features(edges, elements, policy), [1.0]]))
-        targets.append(measured - specific.predict(policy.as_dict))
-    solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
-    residual = np.array(rows) @ solution - np.array(targets)
+    measured = np.asarray(measured_ms, dtype=np.float64)
+    rows = np.array([np.concatenate([edge_features(edges, elements, policy), [1.0]]) for policy in policies])
+    targets = measured - np.array([specific.predict(policy.as_dict) for policy in policies])
+    saving = [kind in SAVING_KINDS for kind in EDGE_KINDS] * 2 + [False]
+    lower = np.where(saving, -np.inf, 0.0)
+    upper = np.where(saving, 0.0, np.inf)
+    solution = lsq_linear(rows, targets, bounds=(lower, upper), method="bvls").x
+    residual = rows @ solution - targets
+    relative_rms = float(np.sqrt(np.mean((residual / measured) ** 2)))
     kinds = [f"{int(a)}{int(b)}" for a, b in EDGE_KINDS]
-    return {
-        "boundary_ms": dict(zip(kinds, map(float, solution[:3]))),
-        "boundary_ms_per_million_elements": dict(zip(kinds, map(float, solution[3:6]))),
-        "overhead_ms": float(solution[6]),
+    fit = {
+        "boundary_ms": dict(zip(kinds, map(float, solution[:4]))),
+        "boundary_ms_per_million_elements": dict(zip(kinds, map(float, solution[4:8]))),
+        "overhead_ms": float(solution[8]),
         "fit_policies": [p.source for p in policies],
+        "fit_measured_ms": [float(m) for m in measured],
         "fit_rms_residual_ms": float(np.sqrt(np.mean(residual**2))),
+        "fit_rms_relative_residual": relative_rms,
+        "noise_floor": noise_floor,
+        "forced": False,
     }
+    problem = _unsupported(relative_rms, noise_floor)
+    if problem is not None:
+        if not force:
+            raise MpqcError(f"{problem}; the fit was not written (layer measurements are kept). "
+                              "Profile again on a quiet machine, or pass --force-fit to write it anyway")
+        fit["forced"] = problem
+    return fit
+
+
+def _unsupported(relative_rms: float, noise_floor: float | None) -> str | None:
+    if noise_floor is not None and noise_floor > TOO_NOISY:
+        return (f"this machine is too noisy to fit a latency model: repeated medians of one model differ by "
+                f"{noise_floor:.0%} (more than {TOO_NOISY:.0%})")
+    tolerance = max(noise_floor or 0.0, FIT_TOLERANCE)
+    if relative_rms > tolerance:
+        return (f"the boundary fit does not explain the measurements: its RMS residual is {relative_rms:.1%} of the "
+                f"measured latency, above the {tolerance:.1%} allowed (the noise floor {noise_floor or 0:.1%} or "
+                f"{FIT_TOLERANCE:.0%}, whichever is larger)")
+    return None
 
 
 def fitting_policies(analysis: Analysis, target: Target, count: int, seed: int) -> list[Policy]:

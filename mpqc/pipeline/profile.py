@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 from mpqc.backends.base import backend_for
 from mpqc.bench.inputs import synthetic_feeds
-from mpqc.bench.latency import first_batch, measure_latency
+from mpqc.bench.latency import first_batch, measure_interleaved
 from mpqc.costmodel.fit import FLOAT_OUTPUT, fit_boundaries, fitting_policies, layer_terms, model_key
 from mpqc.costmodel.microbench import time_layer
-from mpqc.costmodel.table import LatencyTable
+from mpqc.costmodel.table import LatencyTable, entry_key
 from mpqc.data.proxy import ProxySource, proxy_feeds
 from mpqc.errors import MpqcError
 from mpqc.frontend.resolve import resolve_model
@@ -25,7 +25,7 @@ from mpqc.frontend.shapes import symbolic_inputs, with_input_shapes
 from mpqc.lower.lowering import CalibrationSettings, Lowering
 from mpqc.passes.analysis import Analysis, analyze_loaded
 from mpqc.passes.signatures import layer_signature
-from mpqc.policy import Policy
+from mpqc.progress import stage as progress_stage
 from mpqc.targets import Target, load_target
 
 _SHAPE_HINT = "pass its shape with --shape NAME:DIMS (e.g. input:1x3x224x224) or real inputs with --proxy DATA.npz"
@@ -39,7 +39,8 @@ def costmodel_inputs(model: str, target_name: str, proxy: str | None, batch: int
     Symbolic input dimensions besides the batch are fixed from `shapes`, else from the proxy arrays.
     """
     target = load_target(target_name)
-    loaded = resolve_model(model)
+    with progress_stage(f"loading {model}"):
+        loaded = resolve_model(model)
     proxied = proxy is not None or loaded.example is not None
     calibration = proxy_feeds(ProxySource(proxy), loaded)[0] if proxied else None
     fixed = dict(shapes or {})
@@ -80,55 +81,65 @@ def profile_layers(analysis: Analysis, target: Target, table: LatencyTable, batc
             work.setdefault((signature.key(), p.name), signature)
             if p.quantizes_activations and target.quantize_layer_outputs:
                 work.setdefault((signature.key(), p.name + FLOAT_OUTPUT), signature)
-    todo = [(key, p, sig) for (key, p), sig in work.items() if force or table.lookup(key, p, batch) is None]
+    # An entry without its frame time predates taking the per-call cost off: measured again.
+    todo = [(key, p, sig) for (key, p), sig in work.items()
+            if force or "frame_ms" not in table.entries.get(entry_key(key, p, batch), {})]
     for key, p, signature in tqdm(todo, desc="profiling layers", unit="layer", disable=not progress):
         name, _, variant = p.partition("~")
         table.record(key, p, batch, time_layer(signature, name, target, batch, output_read=not variant))
     return {"distinct": len(work), "measured": len(todo), "reused": len(work) - len(todo)}
 
 
-def measure_model(lowering: Lowering, policy: Policy, feeds: dict, runs: int) -> float:
-    runner = backend_for(lowering.target).load(lowering.lower(policy), lowering.target)
-    return measure_latency(runner, feeds, warmup=10, runs=runs).median_ms
-
-
 def profile(analysis, target, table, feeds, batch: int, calibration: CalibrationSettings = CalibrationSettings(),
-            seed: int = 0, fit_policies: int = 12, runs: int = 50, force: bool = False, progress: bool = True) -> dict:
-    """feeds: {"calibration": arrays to calibrate the lowering, "timing": one batch to time}."""
+            seed: int = 0, fit_policies: int = 12, runs: int = 30, force: bool = False, progress: bool = True,
+            force_fit: bool = False) -> dict:
+    """feeds: {"calibration": arrays to calibrate the lowering, "timing": one batch to time}.
+
+    The fit's policies are timed in interleaved rounds until their medians are stable; the spread
+    of their round medians is the noise floor the fit is judged against (mpqc.costmodel.fit).
+    """
     counts = profile_layers(analysis, target, table, batch, force, progress)
     table.save()
     key = model_key(analysis, batch)
-    if force or key not in table.models:
+    if force or force_fit or key not in table.models:
         terms = layer_terms(analysis, target, table, batch)
         lowering = Lowering.prepare(analysis, target, feeds["calibration"], calibration)
-        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, seed),
-                                           batch, lambda policy: measure_model(lowering, policy, feeds["timing"], runs))
+        policies = fitting_policies(analysis, target, fit_policies, seed)
+        backend = backend_for(target)
+        runners = [backend.load(lowering.lower(policy), target)
+                   for policy in tqdm(policies, desc="lowering fit policies", unit="policy", disable=not progress)]
+        with tqdm(desc="timing fit policies (interleaved rounds)", unit="round", disable=not progress) as rounds:
+            times = measure_interleaved(runners, feeds["timing"], runs=runs, on_round=lambda _: rounds.update())
+        table.models[key] = fit_boundaries(analysis, target, terms, policies, batch, times.medians_ms,
+                                           times.noise_floor, force=force_fit) | {"fit_rounds": len(times.round_medians_ms[0]),
+                                                                                "fit_rounds_stable": times.stable}
         table.save()
     return {"table": str(table.path), "layers": counts, "fit": table.models[key]}
 
 
 def profile_target(model: str, target_name: str, proxy: str | None, batch: int, tables: str | None, *,
                    shapes: Mapping[str, tuple[int, ...]] | None = None, fit_policies: int = 12, force: bool = False,
-                   progress: bool = True) -> tuple[Target, dict]:
+                   progress: bool = True, force_fit: bool = False) -> tuple[Target, dict]:
     """`mpqc profile`: the profiler of the target's backend, on the model's own data."""
     target = load_target(target_name)
     profiler = PROFILERS[backend_for(target).name]
     return target, profiler(model, target_name, proxy, batch, tables, shapes=shapes, fit_policies=fit_policies,
-                            force=force, progress=progress)
+                            force=force, progress=progress, force_fit=force_fit)
 
 
-def _profile_onnxruntime(model, target_name, proxy, batch, tables, *, shapes, fit_policies, force, progress) -> dict:
+def _profile_onnxruntime(model, target_name, proxy, batch, tables, *, shapes, fit_policies, force, progress, force_fit) -> dict:
     analysis, target, table, feeds = costmodel_inputs(model, target_name, proxy, batch, tables, shapes)
-    return profile(analysis, target, table, feeds, batch, fit_policies=fit_policies, force=force, progress=progress)
+    return profile(analysis, target, table, feeds, batch, fit_policies=fit_policies, force=force, progress=progress,
+                   force_fit=force_fit)
 
 
-def _profile_tensorrt(model, target_name, proxy, batch, tables, *, shapes, fit_policies, force, progress) -> dict:
+def _profile_tensorrt(model, target_name, proxy, batch, tables, *, shapes, fit_policies, force, progress, force_fit) -> dict:
     from mpqc.pipeline import profile_tensorrt
 
     profile_tensorrt.require_tensorrt()  # one clear line before any lowering when TensorRT is missing
     analysis, target, _, feeds = costmodel_inputs(model, target_name, proxy, batch, tables, shapes)
     return profile_tensorrt.profile_trt(analysis, target, feeds, batch, tables=tables, fit_policies=fit_policies,
-                                        force=force, progress=progress)
+                                        force=force, progress=progress, force_fit=force_fit)
 
 
 # backend name -> its profiler.

@@ -99,7 +99,8 @@ def profile_layers_trt(analysis: Analysis, target: Target, table: LatencyTable, 
 
 def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int,
                 calibration: CalibrationSettings = CalibrationSettings(), seed: int = 0, *, tables=None,
-                fit_policies: int = 12, runs: int = 50, layer_runs: int = 20, force: bool = False, progress: bool = True) -> dict:
+                fit_policies: int = 12, runs: int = 50, layer_runs: int = 20, force: bool = False, progress: bool = True,
+                force_fit: bool = False) -> dict:
     """Measure the TensorRT latency table of `analysis` on this GPU and fit its boundary terms.
 
     feeds: {"calibration": arrays to calibrate the lowering, "timing": one batch to time}.
@@ -119,11 +120,12 @@ def profile_trt(analysis: Analysis, target: Target, feeds: dict, batch: int,
     profile_layers_trt(analysis, target, table, engines, batch, layer_runs, force, progress)
     table.save()
     key = model_key(analysis, batch)
-    if force or key not in table.models:
+    if force or force_fit or key not in table.models:
         terms = layer_terms(analysis, target, table, batch)
         # The boundary fit of the ONNX Runtime tables, on end-to-end engine latencies.
-        table.models[key] = fit_boundaries(analysis, target, terms, fitting_policies(analysis, target, fit_policies, seed),
-                                           batch, engines.measure)
+        policies = fitting_policies(analysis, target, fit_policies, seed)
+        table.models[key] = fit_boundaries(analysis, target, terms, policies, batch, [engines.measure(p) for p in policies],
+                                           force=force_fit)
         table.save()
     return {"table": str(table.path), "layers": {"distinct": len(signatures), "measured": measured,
                                                  "reused": len(signatures) - measured}, "fit": table.models[key]}

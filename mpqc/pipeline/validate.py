@@ -2,9 +2,10 @@
 
 Random mixed policies (drawn with another seed than the fit) plus the uniform ones are lowered,
 measured, and compared with the prediction. The same rank statistics are computed for BitOps, the
-proxy other tools use, and for the purely additive table (no boundary terms), side by side. The
-noise floor is how much repeated measurements of one and the same model disagree: no predictor can
-be judged more finely than that.
+proxy other tools use, and for the purely additive table (no boundary terms), side by side. Every
+policy is timed in the same interleaved rounds; the noise floor is how much one policy's round
+medians disagree: no predictor can be judged more finely than that, and a machine noisier than
+the fit allows is flagged in the result, never reported as a verdict on the cost model.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from scipy import stats
 
 from mpqc import progress
 from mpqc.backends.base import backend_for
-from mpqc.bench.latency import measure_latency
-from mpqc.costmodel.fit import latency_model
+from mpqc.bench.latency import measure_interleaved
+from mpqc.costmodel.fit import TOO_NOISY, latency_model, model_key
 from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.policies import random_policy, uniform_policies
 from mpqc.costmodel.table import LatencyTable
@@ -61,64 +62,64 @@ def validate(
     candidates = uniform_policies(analysis, target) + [random_policy(analysis, target, rng, f"random-{i}") for i in range(policies)]
     signatures = {layer.name: layer_signature(analysis.model, layer) for layer in analysis.layers}
 
+    runners = [backend.load(lowering.lower(policy), target) for policy in progress.bar(candidates, "lowering policies", unit="policy")]
+    # Interleaved rounds: load that comes and goes hits every policy alike; at least noise_repeats rounds.
+    with progress.counter("timing policies", unit="round") as advance:
+        times = measure_interleaved(runners, timing_feeds, runs=runs, min_rounds=max(noise_repeats, 2), on_round=lambda _: advance())
+    rounds = np.array(times.round_medians_ms)
     rows = []
-    for policy in progress.bar(candidates, "measuring policies", unit="policy"):
-        runner = backend.load(lowering.lower(policy), target)
-        measured = measure_latency(runner, timing_feeds, warmup=10, runs=runs)
+    for policy, measured_ms, policy_rounds in zip(candidates, times.medians_ms, rounds):
         chosen = policy.as_dict
         rows.append({
             "policy": policy.source,
             "layers": chosen,
-            "measured_ms": measured.median_ms,
-            "measured_p90_ms": measured.p90_ms,
+            "measured_ms": float(measured_ms),
+            "round_medians_ms": policy_rounds.tolist(),
+            # Two independent halves of the rounds: how well the measurement predicts itself is
+            # the ceiling any predictor can reach on this machine.
+            "measured_even_rounds_ms": float(np.median(policy_rounds[0::2])),
+            "measured_odd_rounds_ms": float(np.median(policy_rounds[1::2])),
             "predicted_ms": model.predict(chosen),
             "additive_ms": sum(model.layer_ms[(name, p)] for name, p in chosen.items()),
             "bitops": sum(bitops_and_size(signatures[name], p)[0] for name, p in chosen.items()),
         })
     measured = np.array([r["measured_ms"] for r in rows])
-    # A second, independent measurement of every policy: how well the measurement predicts itself
-    # is the ceiling any predictor can reach on this machine.
-    for policy, row in progress.bar(zip(candidates, rows), "measuring them again", total=len(rows), unit="policy"):
-        runner = backend.load(lowering.lower(policy), target)
-        row["measured_again_ms"] = measure_latency(runner, timing_feeds, warmup=10, runs=runs).median_ms
-    noise = _noise_floor(lowering, candidates[: min(2, len(candidates))], timing_feeds, runs, noise_repeats)
-    noise["repeat_agreement"] = _agreement(np.array([r["measured_again_ms"] for r in rows]), measured)
+    spreads = {r["policy"]: float((max(r["round_medians_ms"]) - min(r["round_medians_ms"])) / r["measured_ms"]) for r in rows}
+    noise = {
+        "rounds": int(rounds.shape[1]),
+        "stable": times.stable,
+        "noise_floor": times.noise_floor,
+        "per_policy_relative_range": spreads,
+        "max_relative_range": max(spreads.values()),
+        "repeat_agreement": _agreement(np.array([r["measured_odd_rounds_ms"] for r in rows]),
+                                       np.array([r["measured_even_rounds_ms"] for r in rows])),
+    }
+    fastest_uniform = min(r["measured_ms"] for r in rows if r["policy"].startswith("uniform:"))
+    # A policy predicted faster than the fastest uniform one ran (beyond the noise) is a cost-model bug to look at.
+    below = [r["policy"] for r in rows if r["predicted_ms"] < fastest_uniform * (1 - max(times.noise_floor, 0.05))]
+    problems = []
+    if times.noise_floor > TOO_NOISY:
+        problems.append(f"the machine was too noisy: repeated medians differ by {times.noise_floor:.0%} (over {TOO_NOISY:.0%}); "
+                        "these numbers judge the machine, not the cost model")
+    if below:
+        problems.append(f"{len(below)} predictions fall below the fastest uniform policy's measured {fastest_uniform:.3f} ms")
     return {
-        "format": "mpqc.costmodel_validation/1",
+        "format": "mpqc.costmodel_validation/2",
         "model": analysis.loaded.spec,
         "target": target.name,
         "batch": batch,
         "policies": len(rows),
         "runs_per_measurement": runs,
         "table": str(table.path.name),
-        "fit": table.models.get(f"{analysis.loaded.sha256()}@b{batch}"),
+        "fit": table.models.get(model_key(analysis, batch)),
         "prediction": _agreement(np.array([r["predicted_ms"] for r in rows]), measured),
         "additive_table_only": _agreement(np.array([r["additive_ms"] for r in rows]), measured),
         "bitops": _ranks_only(np.array([r["bitops"] for r in rows], dtype=np.float64), measured),
         "noise_floor": noise,
+        "predicted_below_fastest_uniform": below,
+        "flagged": problems,
         "rows": rows,
         "wall_s": time.perf_counter() - started,
-    }
-
-
-def _noise_floor(lowering: Lowering, policies, feeds, runs: int, repeats: int) -> dict:
-    """Each policy measured `repeats` times, each time in a fresh session, as validation measures."""
-    spreads = {}
-    for policy in policies:
-        model_bytes = lowering.lower(policy)
-        medians = np.array([
-            measure_latency(backend_for(lowering.target).load(model_bytes, lowering.target), feeds, warmup=10, runs=runs).median_ms
-            for _ in range(repeats)
-        ])
-        spreads[policy.source] = {
-            "medians_ms": medians.tolist(),
-            "relative_std": float(medians.std() / np.median(medians)),
-            "relative_range": float((medians.max() - medians.min()) / np.median(medians)),
-        }
-    return {
-        "repeats": repeats,
-        "per_policy": spreads,
-        "max_relative_range": max(s["relative_range"] for s in spreads.values()),
     }
 
 

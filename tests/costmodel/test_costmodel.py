@@ -25,24 +25,29 @@ def test_layer_edges_follow_the_graph_through_non_layer_ops(tinynet):
 
 def test_profile_measures_once_then_reuses(tinynet, tmp_path, capsys):
     spec, proxy = tinynet
-    args = ["profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path / "tables"), "--fit-policies", "3"]
+    args = ["profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path / "tables"), "--fit-policies", "3",
+            # a model this small runs in microseconds: its repeated medians spread more than a fit
+            # is allowed on (the refusal itself is tested in test_fit.py)
+            "--force-fit"]
     first = _json(capsys, *args)
     # conv1, conv2, down, fc have distinct signatures; ort-cpu deploys 2, 2, 2 and 3 precisions, and
     # each w8a8 layer is also timed with a float output (unfused), as when its reader stays float.
     assert first["layers"] == {"distinct": 13, "measured": 13, "reused": 0}
-    assert set(first["fit"]["boundary_ms"]) == {"01", "10", "11"}
+    assert set(first["fit"]["boundary_ms"]) == {"00", "01", "10", "11"}
     second = _json(capsys, *args)
     assert second["layers"] == {"distinct": 13, "measured": 0, "reused": 13}
     table = json.loads(next((tmp_path / "tables").glob("*.json")).read_text())
     assert table["fingerprint"]["runtime"].startswith("onnxruntime ")
-    assert all(entry["median_ms"] > 0 and entry["runs"] >= 25 for entry in table["entries"].values())
+    # Each layer term is the micro-model's time less the runtime's per-call cost (its frame).
+    assert all(entry["raw_median_ms"] > 0 and entry["runs"] >= 25 for entry in table["entries"].values())
+    assert all(entry["median_ms"] == max(entry["raw_median_ms"] - entry["frame_ms"], 0.0) for entry in table["entries"].values())
 
 
 @pytest.mark.parametrize("field, other", [("cpu", "some other CPU"), ("int8_features", ["avx2", "avx512_vnni"])])
 def test_a_table_from_another_machine_is_refused(tinynet, tmp_path, capsys, field, other):
     """Also one of the same model name whose INT8 features differ (virtual machines hide some)."""
     spec, proxy = tinynet
-    _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2")
+    _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2", "--force-fit")
     path = next(tmp_path.glob("*.json"))
     data = json.loads(path.read_text())
     assert field in data["fingerprint"]
@@ -54,7 +59,7 @@ def test_a_table_from_another_machine_is_refused(tinynet, tmp_path, capsys, fiel
 
 def test_a_missing_measurement_says_to_profile(tinynet, tmp_path, capsys):
     spec, proxy = tinynet
-    _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2")
+    _json(capsys, "profile", spec, "--proxy", str(proxy), "--tables", str(tmp_path), "--fit-policies", "2", "--force-fit")
     path = next(tmp_path.glob("*.json"))
     data = json.loads(path.read_text())
     data["entries"] = {k: v for k, v in data["entries"].items() if not k.startswith("Gemm")}
@@ -67,7 +72,7 @@ def test_a_missing_measurement_says_to_profile(tinynet, tmp_path, capsys):
 def test_validate_reports_prediction_bitops_and_noise_floor(tinynet, tmp_path, capsys):
     spec, proxy = tinynet
     common = ["--proxy", str(proxy), "--tables", str(tmp_path / "t")]
-    _json(capsys, "profile", spec, *common, "--fit-policies", "3")
+    _json(capsys, "profile", spec, *common, "--fit-policies", "3", "--force-fit")
     result = _json(capsys, "costmodel", "validate", spec, *common, "--policies", "4", "--runs", "10",
                    "--noise-repeats", "2", "--out", str(tmp_path / "v"))["validation"]
     assert result["policies"] == 3 + 4  # the uniform fp32, w4a16, w8a8 policies plus the random ones
@@ -75,7 +80,10 @@ def test_validate_reports_prediction_bitops_and_noise_floor(tinynet, tmp_path, c
         assert 0 <= result[block]["within_5pct"] <= result[block]["within_10pct"] <= 1
         assert -1 <= result[block]["kendall_tau"] <= 1
     assert -1 <= result["bitops"]["kendall_tau"] <= 1
-    assert result["noise_floor"]["repeats"] == 2 and result["noise_floor"]["max_relative_range"] >= 0
+    noise = result["noise_floor"]
+    assert noise["rounds"] >= 2 and noise["max_relative_range"] >= noise["noise_floor"] >= 0
+    # A microsecond model on a shared machine is noisy: the result says so rather than judging the model.
+    assert all(isinstance(problem, str) for problem in result["flagged"])
     rows = json.loads((tmp_path / "v" / "validation.json").read_text())["rows"]
     assert len(rows) == 7 and all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
     assert (tmp_path / "v" / "validation.png").read_bytes()[:4] == b"\x89PNG"
@@ -84,7 +92,7 @@ def test_validate_reports_prediction_bitops_and_noise_floor(tinynet, tmp_path, c
 def test_build_with_a_latency_budget_searches_and_reports_it(tinynet, tmp_path, capsys):
     spec, proxy = tinynet
     common = ["--proxy", str(proxy), "--tables", str(tmp_path / "t")]
-    _json(capsys, "profile", spec, *common, "--fit-policies", "3")
+    _json(capsys, "profile", spec, *common, "--fit-policies", "3", "--force-fit")
     fastest = _json(capsys, "build", spec, *common, "--policy", "search", "--budget-ms", "1000", "--out", str(tmp_path / "a"),
                     "--runs", "5")["build"]
     search = fastest["search"]
