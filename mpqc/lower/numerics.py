@@ -53,11 +53,15 @@ def quantize(values: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
 
 
 def quantize_weight(
-    weight: np.ndarray, bits: int, channel_axis: int, block_axis: int | None = None, block_size: int | None = None
+    weight: np.ndarray, bits: int, channel_axis: int, block_axis: int | None = None, block_size: int | None = None,
+    min_scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(integer weight, scales): per output channel, or block-wise along `block_axis` when block_size is given."""
+    """(integer weight, scales): per output channel, or block-wise along `block_axis` when block_size is given.
+    `min_scales` (per channel) raises the scales of channels whose weights are all but zero."""
     if block_size is None:
         scales = per_channel_scales(weight, channel_axis, bits)
+        if min_scales is not None:
+            scales = np.maximum(scales, min_scales).astype(np.float32)
         return quantize(weight, expand_scales(scales, weight.shape, channel_axis, None), bits), scales
     scales = blockwise_scales(weight, block_axis, block_size, bits)
     return quantize(weight, expand_scales(scales, weight.shape, block_axis, block_size), bits), scales

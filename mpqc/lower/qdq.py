@@ -127,6 +127,8 @@ def lower(
     input_means = input_means or {}
     graph = model.graph
     nodes = {node.name: node for node in graph}
+    activation = {site.value: numerics.activation_params(*ranges[site.range_name], target.activation_type) for site in sites}
+    input_scales = {reader: activation[site.value][0] for site in sites for reader, index in site.readers if index == 0}
     for layer in layers:
         p = policy.precision_of(layer.name)
         if p.is_float:
@@ -136,14 +138,11 @@ def lower(
             node = nodes[layer.name] = _gemm_to_matmul(graph, node)
             layer = _as_matmul_layer(layer)
         block_size = target.int4_block_size if p.weight_granularity == "block" else None
-        _quantize_weight(graph, node, layer, p.weight_bits, block_size, input_means.get(layer.name))
+        _quantize_weight(graph, node, layer, p.weight_bits, block_size, input_means.get(layer.name),
+                         input_scales.get(layer.name) if block_size is None else None)
     values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
-    input_scales = {}
     for site in sites:
-        low, high = ranges[site.range_name]
-        scale, zero = numerics.activation_params(low, high, target.activation_type)
-        _quantize_activation(graph, values[site.value], site, nodes, scale, zero)
-        input_scales |= {reader: scale for reader, index in site.readers if index == 0}
+        _quantize_activation(graph, values[site.value], site, nodes, *activation[site.value])
     if target.int32_gemm_bias:
         for layer in layers:
             if layer.op_type == "Gemm" and layer.name in input_scales and policy.precision_of(layer.name).weight_bits == 8:
@@ -174,12 +173,26 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType 
     return value
 
 
+# The INT32 bias of an integer kernel (bias / (input scale x weight scale), rounded) must fit with
+# room for the accumulated products; ONNX Runtime's cast would wrap around silently.
+_BIAS_LIMIT = 2.0**30
+
+
 def _quantize_weight(
-    graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, block_size: int | None, input_mean: np.ndarray | None
+    graph: ir.Graph, node: ir.Node, layer: Layer, bits: int, block_size: int | None, input_mean: np.ndarray | None,
+    input_scale: np.float32 | None = None,
 ) -> None:
     weight = node.inputs[1].const_value.numpy().astype(np.float32)
     block_axis = layer.reduction_axis if block_size is not None else None
-    q, scales = numerics.quantize_weight(weight, bits, layer.channel_axis, block_axis, block_size)
+    min_scales = None
+    bias = node.inputs[2] if layer.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 else None
+    if input_scale is not None and bias is not None and bias.const_value is not None:
+        # A channel whose weights are all but zero would get a scale so small that its bias
+        # overflows INT32 (seen on EfficientNet-Lite0's stem): its scale is raised just enough.
+        values = np.abs(bias.const_value.numpy().astype(np.float64)).reshape(-1)
+        if values.size == weight.shape[layer.channel_axis]:
+            min_scales = (values / (float(input_scale) * _BIAS_LIMIT)).astype(np.float32)
+    q, scales = numerics.quantize_weight(weight, bits, layer.channel_axis, block_axis, block_size, min_scales)
     if input_mean is not None:
         scale_axis = layer.channel_axis if block_size is None else block_axis
         dequantized = q * numerics.expand_scales(scales, weight.shape, scale_axis, block_size)

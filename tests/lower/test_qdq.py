@@ -139,3 +139,35 @@ def test_bias_correction_removes_the_mean_output_error(tmp_path, tinynet):
                           evaluate_only=True, bias_correction=corrected)
         errors[corrected] = np.abs((_outputs(model, x) - reference).mean(axis=0)).mean()
     assert errors[True] < 0.75 * errors[False]  # measured: 0.53
+
+
+def test_a_channel_of_near_zero_weights_keeps_its_bias(tmp_path):
+    """Its weight scale would be ~1e-11 and bias / (input scale x weight scale) would overflow the
+    INT32 bias ONNX Runtime makes for QLinearConv; the lowering raises that one scale instead."""
+    from onnx import TensorProto, helper
+
+    from mpqc.lower.lowering import Lowering
+    from mpqc.passes.analysis import analyze
+    from mpqc.policy import Policy
+    from mpqc.targets import load_target
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+    w1[2] = 1e-9  # a dead channel, as training leaves some
+    b1 = np.array([0.1, -0.2, 0.8, 0.05], np.float32)
+    w2 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.3
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["y1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["output"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "dead", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "dead.onnx")
+    analysis = analyze(str(tmp_path / "dead.onnx"))
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    lowering = Lowering.prepare(analysis, load_target("ort-cpu"), {"input": x})
+    model = onnx.load_from_string(lowering.lower(Policy(tuple((layer.name, "w8a8") for layer in analysis.layers), "w8a8")))
+    reference = ort.InferenceSession(analysis.loaded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = np.concatenate([reference.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([_outputs(model, x[i:i + 1], {EXACT_INT8: "1"}) for i in range(len(x))])
+    assert 10 * np.log10((want**2).sum() / ((want - got) ** 2).sum()) > 30
