@@ -26,7 +26,7 @@ from mpqc.frontend.resolve import load_callable
 from mpqc.lower.lowering import Lowering
 from mpqc.lower.qdq import through_clamps
 from mpqc.passes.analysis import Analysis, analyze
-from mpqc.pipeline.build import fidelity_against_float
+from mpqc.pipeline.fidelity import fidelity_against_float
 from mpqc.pipeline.options import BuildOptions
 from mpqc.policy import Policy, resolve_policy
 from mpqc.precision import precision

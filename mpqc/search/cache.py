@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
+from mpqc.cache_folders import user_cache
 from mpqc.files import write_atomically
 from mpqc.targets import Target
 
@@ -23,9 +23,8 @@ _FORMAT = "mpqc.scores/1"
 
 
 def default_dir() -> pathlib.Path:
-    """$XDG_CACHE_HOME/mpqc, or ~/.cache/mpqc where it is unset or empty (the XDG rule)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(base) / "mpqc"
+    """The per-user cache folder (mpqc.cache_folders.user_cache): scores live beside the tables."""
+    return user_cache()
 
 
 def score_key(
