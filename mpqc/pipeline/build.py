@@ -22,16 +22,17 @@ import onnx_ir as ir
 from mpqc import progress
 from mpqc.backends.base import Backend, backend_for
 from mpqc.backends.onnxruntime.runner import int8_saturation_note
-from mpqc.bench.fidelity import output_agreement
 from mpqc.bench.latency import MeasureSettings, first_batch, measure_latency
+from mpqc.costmodel.policies import uniform_policies
 from mpqc.data.feeds import feeds_sha256
 from mpqc.data.proxy import proxy_feeds, proxy_labels
 from mpqc.errors import MpqcError
 from mpqc.files import check_output_folder, replace_folder
-from mpqc.frontend.messages import first_line
 from mpqc.frontend.resolve import load_callable
 from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import Analysis, analyze
+from mpqc.pipeline.fidelity import fidelity_against_float
+from mpqc.pipeline.measured import FRONT_METRIC, measure_points, undominated
 from mpqc.pipeline.options import BuildOptions
 from mpqc.policy import Policy, resolve_policy
 from mpqc.report.html import render_html
@@ -59,7 +60,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         analysis = analyze(options.model)
     timings["frontend_and_passes_s"] = time.perf_counter() - clock
 
-    search = None
+    search = front = None
     extra_files: dict[str, bytes] = {}
     if options.searches:
         from mpqc.pipeline.search import prepare_search  # the search pulls in torch and scipy
@@ -75,7 +76,6 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
             problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
         if options.pareto is not None:
             policy, search, front = problem.pareto(options.pareto)
-            extra_files = _pareto_files(front)
         else:
             policy, search = problem.solve(options.budget_ms)
         if speedup is not None:
@@ -91,6 +91,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         lowering = Lowering.prepare(analysis, target, feeds, options.calibration_settings())
     timings["calibration_s"] = time.perf_counter() - clock
 
+    metric = load_callable(options.metric, "metric", "{name: number}") if options.metric else None
     # A --pareto build lowers a point of the front as it is: re-solving for the budget would leave the front.
     if (search is not None and options.budget_ms is not None and options.pareto is None and options.measure
             and backend.measures_latency):
@@ -99,6 +100,13 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
             policy, search = _meet_latency_budget(problem, policy, search, lowering, analysis.loaded, feeds, options.budget_ms,
                                                   options.batch)
         timings["budget_verification_s"] = time.perf_counter() - clock
+    if search is not None and options.measure and backend.measures_latency and (options.pareto or options.budget_ms):
+        clock = time.perf_counter()
+        with progress.stage("measuring the searched policies beside FP32 and the uniform ones"):
+            policy, search, front = _measured_choice(problem, policy, search, front, lowering, analysis, feeds, options, metric)
+        timings["measured_points_s"] = time.perf_counter() - clock
+    if front is not None:
+        extra_files = _pareto_files(front)
 
     clock = time.perf_counter()
     model_bytes = lowering.lower(policy)
@@ -112,7 +120,6 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
     artifacts |= {name: hashlib.sha256(data).hexdigest() for name, data in engine_files.items()}
     extra_files = extra_files | engine_files
     measured = not_measured = None
-    metric = load_callable(options.metric, "metric", "{name: number}") if options.metric else None
     if options.measure:
         with progress.stage("measuring fidelity and latency"):
             measured, not_measured, search = _measurements(options, backend, analysis, target, lowering, model_bytes, policy,
@@ -225,6 +232,55 @@ def _meet_latency_budget(problem, policy, search, lowering, loaded, feeds, budge
     return policy, search
 
 
+def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, options, metric):
+    """Measure the searched policies (each point of a front, or the budgeted choice) beside FP32 and
+    every uniform policy, and return what to build: a front's middle measured point, or the budgeted
+    choice unless a uniform policy beats it on both measured latency and fidelity."""
+    if front is not None:
+        searched = [(f"front:{i}", Policy(tuple(point["assignments"].items()), policy.source), problem.predicted_ms(
+            Policy(tuple(point["assignments"].items())))) for i, point in enumerate(front["points"])]
+    else:
+        searched = [("searched", policy, problem.predicted_ms(policy))]
+    uniforms = [(u.source, u, problem.predicted_ms(u)) for u in uniform_policies(analysis, lowering.target)]
+    candidates, seen = [], set()
+    for source, candidate, predicted in searched + uniforms:
+        if candidate.assignments not in seen:  # a front point that is a uniform policy is measured once
+            seen.add(candidate.assignments)
+            candidates.append((source, candidate, predicted))
+    points = measure_points(lowering, analysis.loaded, feeds, candidates, options.batch, metric)
+    kept = undominated(points)
+    summary = {"metric": FRONT_METRIC, "points": [p.to_json() | {"on_measured_front": p in kept} for p in points]}
+    if front is not None:
+        deployable = [p for p in kept if p.policy is not None] or [p for p in points if p.source == "uniform:fp32"]
+        chosen = deployable[(len(deployable) - 1) // 2]
+        why = f"the middle of the {len(kept)} measured points no other measured point beats on latency and {FRONT_METRIC}"
+    else:
+        chosen = next(p for p in points if p.source == "searched")
+        better = [p for p in points if p.source.startswith("uniform:") and p.beats(chosen)]
+        why = "the searched policy: no uniform policy beats it on both measured latency and " + FRONT_METRIC
+        if better:
+            best = max(better, key=lambda p: (p.fidelity, -p.median_ms))
+            why = (f"{best.source}: it beats the searched policy on measured latency ({best.median_ms:.3f} vs "
+                   f"{chosen.median_ms:.3f} ms) and {FRONT_METRIC} ({best.fidelity:.4f} vs {chosen.fidelity:.4f})")
+            chosen = best
+        if options.budget_ms is not None and chosen.median_ms > options.budget_ms:
+            fastest = min((p for p in points if p.policy is not None), key=lambda p: p.median_ms)
+            why += (f"; the {options.budget_ms:g} ms budget is not met: the closest measured policy is {fastest.source} "
+                    f"at {fastest.median_ms:.3f} ms ({FRONT_METRIC} {fastest.fidelity:.4f})")
+    summary["built"], summary["why"] = chosen.source, why
+    record = problem.describe(chosen.policy, options.budget_ms) | {
+        key: search[key] for key in ("verification", "verification_rounds", "budget_speedup") if key in search}
+    if "pareto" in search:
+        pareto = search["pareto"]
+        index = int(chosen.source.split(":")[1]) if chosen.source.startswith("front:") else None
+        record["pareto"] = pareto | {"built_point": index, "budget": None if index is None else pareto["front"][index]["budget"]}
+    record["measured_points"] = summary
+    if front is not None:
+        front = front | {"built_point": record["pareto"]["built_point"], "measured": summary}
+    source = policy.source if chosen.source.startswith(("front:", "searched")) else chosen.source
+    return Policy(chosen.policy.assignments, source), record, front
+
+
 def built_model_proto(model_bytes: bytes) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
@@ -270,46 +326,6 @@ def _measure(settings: MeasureSettings, backend: Backend, loaded, target, float_
         "speedup": fp32.median_ms / built.median_ms,
         "fidelity": fidelity,
     }
-
-
-def fidelity_against_float(float_runner, built_runner, loaded, feeds, timings, metric=None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Agreement of the built model with the float one, and the feeds it was measured on: the
-    example's held-out set where the model is a bundled example, else the proxy set. `timings`
-    gets fidelity_s. `metric`: the user's own evaluator, whose numbers join the record."""
-    clock = time.perf_counter()
-    if loaded.example is not None:
-        eval_feeds, labels = loaded.example.eval_feeds()
-        reference = float_runner.run_batched(eval_feeds)
-        candidate = built_runner.run_batched(eval_feeds)
-        fidelity = {"data": "held-out eval set of the example", "samples": len(reference)}
-        fidelity |= loaded.example.fidelity(reference, candidate, labels)
-        fidelity |= output_agreement(reference, candidate)
-        timing_feeds = eval_feeds
-    else:
-        if not feeds:
-            raise MpqcError("measuring needs input data: pass --proxy DATA.npz or --no-measure")
-        reference, candidate = float_runner.run_batched(feeds), built_runner.run_batched(feeds)
-        fidelity = {"data": "proxy set (no held-out set for this model)", "samples": len(reference)}
-        fidelity |= output_agreement(reference, candidate)
-        timing_feeds = feeds
-        labels = None
-    if metric is not None:
-        fidelity |= _user_metric(metric, reference, candidate, labels)
-    timings["fidelity_s"] = time.perf_counter() - clock
-    return fidelity, timing_feeds
-
-
-def _user_metric(metric, reference: np.ndarray, candidate: np.ndarray, labels) -> dict[str, float]:
-    """The user's evaluator's numbers, or one line saying what it did instead."""
-    name = getattr(metric, "__name__", "metric")
-    try:
-        values = metric(reference, candidate, labels)
-    except Exception as exc:
-        raise MpqcError(f"--metric {name} raised {first_line(exc, with_type=True)}") from None
-    if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                                               for k, v in values.items()):
-        raise MpqcError(f"--metric {name} must return a dict of name -> number, not {type(values).__name__}")
-    return {key: float(value) for key, value in values.items()}
 
 
 def check_out_dir(out: pathlib.Path) -> None:

@@ -39,7 +39,11 @@ def _image(png: bytes, alt: str, element_id: str) -> str:
 
 
 def render_html(build: BuildRecord) -> str:
-    from mpqc.report.plots import front_figure, layer_strip_figure  # matplotlib only where a page is drawn
+    from mpqc.report.plots import (  # matplotlib only where a page is drawn
+        front_figure,
+        layer_strip_figure,
+        measured_points_figure,
+    )
 
     record = build.to_json()
     parts = [f"<h1>mpqc build: {html.escape(record['model']['spec'])} on {html.escape(record['target']['name'])}</h1>"]
@@ -53,7 +57,7 @@ def render_html(build: BuildRecord) -> str:
     parts.append('<section id="summary"><h2>Summary</h2>' + _table(None, summary) + "</section>")
     parts.append(_measured(record))
     if record.get("search"):
-        parts.append(_search(record, front_figure, layer_strip_figure))
+        parts.append(_search(record, front_figure, layer_strip_figure, measured_points_figure))
     rows = [[row["name"], row["op_type"], row["torch_module"] or "-", row["precision"], row["signature"]["key"]]
             for row in record["layers"]]
     parts.append('<section id="layers"><h2>Layers</h2>' + _table(["layer", "op", "torch module", "precision", "signature"], rows)
@@ -84,7 +88,7 @@ def _measured(record: dict) -> str:
     return '<section id="measured">' + "".join(parts) + "</section>"
 
 
-def _search(record: dict, front_figure, layer_strip_figure) -> str:
+def _search(record: dict, front_figure, layer_strip_figure, measured_points_figure) -> str:
     search = record["search"]
     budgets = ", ".join(f"{name} {value:g}" for name, value in search["budgets"].items() if value is not None) or "none (Pareto sweep)"
     rows = [["method", _fmt(search["method"] + (" (scores from the cache)" if search.get("scores_cached") else ""))],
@@ -104,6 +108,14 @@ def _search(record: dict, front_figure, layer_strip_figure) -> str:
                      + f"<p>Outcome: {html.escape(search.get('verification', ''))}</p>")
     if "pareto" in search and "front" in search["pareto"]:
         parts.append('<h3 id="front-title">Front</h3>' + _image(front_figure(record), "searched front", "front"))
+    if search.get("measured_points"):
+        summary = search["measured_points"]
+        parts.append('<h3 id="measured-title">Measured points (FP32, uniform and searched policies, timed in the same rounds)</h3>'
+                     + _image(measured_points_figure(record), "measured points", "measured-points")
+                     + f"<p>Built: {html.escape(summary['built'])}, {html.escape(summary['why'])}.</p>"
+                     + _table(["policy", "predicted ms", "measured ms", summary["metric"], "on the measured front"],
+                              [[p["source"], p["predicted_ms"], p["measured_ms"], p["fidelity"], "yes" if p["on_measured_front"] else "no"]
+                               for p in summary["points"]]))
     if search.get("layers"):
         parts.append('<h3 id="strip-title">Per-layer precision</h3>' + _image(layer_strip_figure(record), "per-layer strip", "layer-strip"))
     return "".join(parts) + "</section>"

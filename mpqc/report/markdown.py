@@ -49,6 +49,7 @@ def render_report(build: BuildRecord) -> str:
             lines += [f"Run with {measured['fidelity_runtime']}.", ""]
         lines += [f"- {key}: {_fmt(value)}" for key, value in measured["fidelity"].items()]
         lines.append("")
+    lines += _search_lines(record.get("search"))
     lines += ["## Layers", "", "| layer | op | torch module | precision | signature |", "|---|---|---|---|---|"]
     for row in record["layers"]:
         lines.append(
@@ -58,3 +59,27 @@ def render_report(build: BuildRecord) -> str:
         lines += ["", "## Tie groups (one precision each)", ""]
         lines += [f"- {', '.join(group)}" for group in record["ties"]]
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(search: dict | None) -> list[str]:
+    if not search:
+        return []
+    budgets = ", ".join(f"{name} {value:g}" for name, value in search["budgets"].items() if value is not None) or "none (Pareto sweep)"
+    lines = ["## Search", "", f"- method: {search['method']}" + (" (scores from the cache)" if search.get("scores_cached") else ""),
+             f"- budgets: {budgets}", f"- predicted loss: {_fmt(search['objective'])}"]
+    if search.get("predicted_ms") is not None:
+        lines.append(f"- predicted latency: {search['predicted_ms']:.3f} ms")
+    if "measured_ms" in search:
+        lines.append(f"- measured latency: {search['measured_ms']:.3f} ms, budget {'met' if search['budget_met'] else 'MISSED'}")
+    if search.get("verification"):
+        lines.append(f"- budget verification: {search['verification']}")
+    summary = search.get("measured_points")
+    if summary:
+        lines += ["", f"Measured points (timed in the same rounds; fidelity is {summary['metric']} against FP32). "
+                      f"Built: {summary['built']}, {summary['why']}.", "",
+                  "| policy | predicted ms | measured ms | fidelity | on the measured front |", "|---|---|---|---|---|"]
+        for point in summary["points"]:
+            predicted = "-" if point["predicted_ms"] is None else f"{point['predicted_ms']:.3f}"
+            lines.append(f"| {point['source']} | {predicted} | {point['measured_ms']:.3f} | {point['fidelity']:.4f} | "
+                         f"{'yes' if point['on_measured_front'] else 'no'} |")
+    return lines + [""]

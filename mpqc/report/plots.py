@@ -37,8 +37,9 @@ def pareto_plot(front: dict, destination) -> None:
     costs, objectives = [p["cost"] for p in points], [p["objective"] for p in points]
     figure, axes = plt.subplots(figsize=(6, 4.5))
     axes.plot(costs, objectives, marker="o", drawstyle="steps-post", label="Pareto front")
-    built = points[front["built_point"]]
-    axes.scatter([built["cost"]], [built["objective"]], s=90, facecolors="none", edgecolors="C3", zorder=3, label="built")
+    if front.get("built_point") is not None:
+        built = points[front["built_point"]]
+        axes.scatter([built["cost"]], [built["objective"]], s=90, facecolors="none", edgecolors="C3", zorder=3, label="built")
     axes.set(xlabel=f"predicted {front['resource']}", ylabel=f"summed {front['method']} loss",
              title=f"{front['model']} on {front['target']}: {len(points)} points")
     axes.legend(loc="upper right")
@@ -74,9 +75,10 @@ def front_figure(record: dict) -> bytes:
         if point["cost"] is not None:
             axes.scatter([point["cost"] * factor], [point["objective"]], marker="s", s=40,
                          color=PRECISION_COLORS.get(name, "k"), label=f"uniform {name} (predicted)", zorder=3)
-    built = front[pareto["built_point"]]
-    axes.scatter([built["cost"] * factor], [built["objective"]], s=140, facecolors="none", edgecolors="C3", linewidths=2,
-                 zorder=4, label="built point")
+    if pareto.get("built_point") is not None:
+        built = front[pareto["built_point"]]
+        axes.scatter([built["cost"] * factor], [built["objective"]], s=140, facecolors="none", edgecolors="C3", linewidths=2,
+                     zorder=4, label="built point")
     measured = record.get("measured") or {}
     if pareto["resource"] == "ms" and "latency_built" in measured:
         axes.axvline(measured["latency_fp32"]["median_ms"], color="0.4", ls="--", lw=1, label="FP32, measured")
@@ -84,6 +86,42 @@ def front_figure(record: dict) -> bytes:
     axes.set(xlabel=f"{label} ({unit})", ylabel=f"predicted loss: sum of {search['method']} scores (lower is better)",
              title=f"{record['model']['spec']} on {record['target']['name']}")
     axes.legend(fontsize=8, loc="upper right")
+    return _png(figure)
+
+
+def measured_points_figure(record: dict) -> bytes:
+    """Every measured point of a search: measured latency against fidelity, FP32 and the uniform
+    policies marked, the measured front drawn, the built point ringed, and each point's predicted
+    latency as a hollow marker joined to its measurement."""
+    summary = record["search"]["measured_points"]
+    points = summary["points"]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    front = sorted((p for p in points if p["on_measured_front"]), key=lambda p: p["measured_ms"])
+    axes.plot([p["measured_ms"] for p in front], [p["fidelity"] for p in front], color="C0", lw=1.5, drawstyle="steps-pre",
+              label="measured front", zorder=2)
+    for point in points:
+        source, y = point["source"], point["fidelity"]
+        if source == "fp32":
+            style = {"marker": "*", "s": 120, "color": "k", "label": "FP32"}
+        elif source.startswith("uniform:"):
+            name = source.split(":", 1)[1]
+            style = {"marker": "s", "s": 50, "color": PRECISION_COLORS.get(name, "k"), "label": f"uniform {name}"}
+        else:
+            style = {"marker": "o", "s": 30, "color": "C0", "label": "searched"}
+        axes.scatter([point["measured_ms"]], [y], zorder=3, **style)
+        if point["predicted_ms"] is not None:
+            axes.plot([point["predicted_ms"], point["measured_ms"]], [y, y], color="0.6", lw=0.8, zorder=1)
+            axes.scatter([point["predicted_ms"]], [y], marker=style["marker"], s=style["s"] * 0.6, facecolors="none",
+                         edgecolors=style["color"], zorder=3)
+    built = next(p for p in points if p["source"] == summary["built"])
+    axes.scatter([built["measured_ms"]], [built["fidelity"]], s=200, facecolors="none", edgecolors="C3", linewidths=2,
+                 zorder=4, label="built point")
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    unique["predicted (hollow)"] = plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="0.4")
+    axes.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    axes.set(xlabel="latency (ms): measured filled, predicted hollow", ylabel=f"fidelity: {summary['metric']} against FP32",
+             title=f"{record['model']['spec']} on {record['target']['name']}: measured points")
     return _png(figure)
 
 

@@ -83,6 +83,22 @@ class SearchProblem:
                        for name, p in solution.assignments.items()],
         }
 
+    def describe(self, policy: Policy, latency_budget_ms: float | None) -> dict:
+        """The search record of a policy chosen otherwise than by one solve (a measured point)."""
+        chosen = policy.as_dict
+        solution = Solution(
+            assignments={layer.name: chosen[layer.name] for layer in self.layers},
+            objective=float(sum(self.loss[item] for item in chosen.items())),
+            latency_ms=None if self.latency is None else self.latency.predict(chosen),
+            bitops=float(sum(self.bitops[item] for item in chosen.items())),
+            size_bytes=float(sum(self.size_bytes[item] for item in chosen.items())),
+            solve_seconds=0.0,
+        )
+        return self._record(solution, latency_budget_ms)
+
+    def predicted_ms(self, policy: Policy) -> float | None:
+        return None if self.latency is None else self.latency.predict(policy.as_dict)
+
     def uniform_points(self, resource: str) -> dict[str, dict]:
         """Each precision applied wherever a layer can take it (fp32 elsewhere): its predicted cost
         of `resource` and its summed loss, for marking beside a front."""

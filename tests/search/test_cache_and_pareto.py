@@ -5,7 +5,10 @@ import json
 import pytest
 
 from mpqc.cli import main
+from mpqc.costmodel.policies import uniform_policies
+from mpqc.passes.analysis import analyze
 from mpqc.policy import Policy
+from mpqc.targets import load_target
 
 
 def _json(capsys, *argv) -> dict:
@@ -18,7 +21,7 @@ def profiled(tinynet, tmp_path, capsys):
     """The tiny model with its latency table measured, and the options every search build here shares."""
     spec, proxy = tinynet
     common = ["--proxy", str(proxy), "--tables", str(tmp_path / "t")]
-    _json(capsys, "profile", spec, *common, "--fit-policies", "2")
+    _json(capsys, "profile", spec, *common, "--fit-policies", "2", "--force-fit")
     return spec, [*common, "--policy", "search", "--no-measure"]
 
 
@@ -102,11 +105,20 @@ def test_pareto_refuses_a_budget_of_the_same_resource(profiled, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
+def _measured_search(capsys, spec, common, out, *extra) -> tuple[dict, list[str]]:
+    """A search build that measures (few runs: the checks here are on what is recorded, not on speed)."""
+    measured = [option for option in common if option != "--no-measure"]
+    return _search(capsys, spec, measured, out, *extra, "--method", "qerror", "--no-cache", "--runs", "3", "--warmup", "0"), measured
+
+
+def _beats(a: dict, b: dict) -> bool:
+    return (a["measured_ms"] <= b["measured_ms"] and a["fidelity"] >= b["fidelity"]
+            and (a["measured_ms"] < b["measured_ms"] or a["fidelity"] > b["fidelity"]))
+
+
 def test_a_speedup_budget_is_the_measured_fp32_latency_over_the_speedup(profiled, tmp_path, capsys):
     spec, common = profiled
-    measured = [option for option in common if option != "--no-measure"]
-    record = _search(capsys, spec, measured, tmp_path / "s", "--budget-speedup", "0.5", "--method", "qerror", "--no-cache",
-                     "--runs", "3", "--warmup", "0")
+    record, measured = _measured_search(capsys, spec, common, tmp_path / "s", "--budget-speedup", "0.5")
     speedup = record["search"]["budget_speedup"]
     assert speedup["speedup"] == 0.5 and speedup["budget_ms"] == pytest.approx(speedup["fp32_measured_ms"] / 0.5)
     assert record["search"]["budgets"]["ms"] == speedup["budget_ms"] and "budget_met" in record["search"]
@@ -116,3 +128,38 @@ def test_a_speedup_budget_is_the_measured_fp32_latency_over_the_speedup(profiled
         assert message in capsys.readouterr().err
     assert main(["build", spec, "--proxy", common[1], "--budget-speedup", "1.2", "--out", str(tmp_path / "x")]) == 2
     assert "--budget-speedup only apply to --policy search" in capsys.readouterr().err
+
+
+def test_a_measured_pareto_build_measures_every_point_and_builds_one_nothing_beats(profiled, tmp_path, capsys):
+    spec, common = profiled
+    record, _ = _measured_search(capsys, spec, common, tmp_path / "m", "--pareto", "ms")
+    summary = record["search"]["measured_points"]
+    sources = [p["source"] for p in summary["points"]]
+    # FP32 and every uniform policy are measured beside the searched points, in the same rounds (a
+    # front point that is a uniform policy is measured once, under its front name).
+    assert sources[0] == "fp32" and any(s.startswith("front:") for s in sources)
+    measured_layers = [p["layers"] for p in summary["points"]]
+    assert all(u.as_dict in measured_layers for u in uniform_policies(analyze(spec), load_target("ort-cpu")))
+    points = {p["source"]: p for p in summary["points"]}
+    built = points[summary["built"]]
+    assert built["on_measured_front"] and built["layers"] == Policy.load(tmp_path / "m" / "policy.json")
+    for point in summary["points"]:
+        assert point["on_measured_front"] == (not any(_beats(other, point) for other in summary["points"] if other is not point))
+    front = json.loads((tmp_path / "m" / "pareto.json").read_text())
+    assert front["measured"]["built"] == summary["built"]
+    assert "Measured points" in (tmp_path / "m" / "report.md").read_text()
+    assert 'id="measured-points"' in (tmp_path / "m" / "report.html").read_text()
+
+
+def test_a_budgeted_build_never_returns_a_policy_a_uniform_one_beats(profiled, tmp_path, capsys):
+    spec, common = profiled
+    record, _ = _measured_search(capsys, spec, common, tmp_path / "b", "--budget-speedup", "1.0")
+    summary = record["search"]["measured_points"]
+    points = {p["source"]: p for p in summary["points"]}
+    built = points[summary["built"]]
+    for source, point in points.items():
+        if source.startswith("uniform:") and source != summary["built"]:
+            assert not _beats(point, built)
+    assert built["layers"] == Policy.load(tmp_path / "b" / "policy.json")
+    # A miss (as the measured points were timed) names the closest measured policy.
+    assert ("closest measured policy" in summary["why"]) == (built["measured_ms"] > record["search"]["budgets"]["ms"])
