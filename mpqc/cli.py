@@ -238,6 +238,27 @@ def cmd_validate(args) -> dict:
     return {"out": str(out), "validation": {k: v for k, v in result.items() if k != "rows"}, "_text": text}
 
 
+def cmd_search_validate(args) -> dict:
+    from mpqc.pipeline.options import BuildOptions
+    from mpqc.pipeline.search_validate import validate_search_to_folder
+
+    out = pathlib.Path(args.out).resolve()
+    options = BuildOptions(model=args.model, target=args.target, policy="search", proxy=args.proxy, proxy_limit=args.proxy_limit,
+                           seed=args.seed, epochs=args.epochs, gmpq=args.gmpq, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    result = validate_search_to_folder(options, list(dict.fromkeys(args.method)), out, policies=args.policies,
+                                       bootstrap=args.bootstrap)
+    lines = [f"{args.model} on {result['target']}: {result['random_policies']} random policies, fidelity "
+             f"{result['fidelity_data']['metric']} on {result['fidelity_data']['samples']} samples ({result['fidelity_data']['data']})"]
+    for method, r in result["methods"].items():
+        low, high = r["kendall_tau_interval"]
+        budgets = ", ".join(f"p{b['quartile']} BitOps: {b['percentile_among_random']:.0f}th percentile" if "percentile_among_random" in b
+                            else f"p{b['quartile']} BitOps: {b['error']}" for b in r["at_budgets"])
+        lines.append(f"  {method}: Kendall tau (loss vs error) {r['kendall_tau_loss_vs_error']:.3f} [{low:.3f}, {high:.3f}]; "
+                     f"{budgets}; scoring {r['scoring_s']:.1f} s")
+    lines.append(f"  {out / 'search_validation.json'}")
+    return {"out": str(out), "validation": {k: v for k, v in result.items() if k != "rows"}, "_text": "\n".join(lines)}
+
+
 def cmd_compare(args) -> dict:
     """Each quantized layer's output against FP32, worst first; --keep-float K: what keeping the worst K float gains."""
     from mpqc.pipeline.compare import compare
@@ -414,7 +435,27 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", required=True, help="folder for validation.json and validation.png")
     validate.set_defaults(handler=cmd_validate)
 
-    for command in (build, export, bench, inspect, check, profile, report, compare, validate):
+    search = sub.add_parser("search", help="search tools").add_subparsers(dest="search_command", required=True)
+    search_validate = search.add_parser("validate", help="a method's predicted loss against measured fidelity over random policies")
+    search_validate.add_argument("model", help="bundled example name, model.onnx, or package.module:factory")
+    search_validate.add_argument("--target", default="ort-cpu")
+    search_validate.add_argument("--out", required=True, help="folder for search_validation.json")
+    search_validate.add_argument("--proxy", help="proxy data .npz keyed by input name (bundled examples bring their own)")
+    search_validate.add_argument("--proxy-limit", type=_int_range(1, 10**9), help="use only the first N proxy samples")
+    from mpqc.sensitivity.methods import METHODS
+
+    search_validate.add_argument("--method", action="append", choices=list(METHODS), required=True,
+                                 help="a method to validate; repeat it to validate several on the same random policies")
+    search_validate.add_argument("--policies", type=_int_range(2, 100_000), default=100, help="random policies measured")
+    search_validate.add_argument("--bootstrap", type=_int_range(10, 100_000), default=1000, help="bootstrap resamples for the intervals")
+    search_validate.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
+    search_validate.add_argument("--epochs", type=_int_range(0, 10_000), default=3, help="indicator training passes (seam, limpq)")
+    search_validate.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
+    search_validate.add_argument("--cache-dir", help="sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")
+    search_validate.add_argument("--no-cache", action="store_true", help="score layers afresh and write nothing to the cache")
+    search_validate.set_defaults(handler=cmd_search_validate)
+
+    for command in (build, export, bench, inspect, check, profile, report, compare, validate, search_validate):
         command.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
