@@ -1,25 +1,25 @@
 """Do the learned indicators learn? LSQ steps after indicator training against their initial values.
 
-limpq and seam score a layer by its learned LSQ steps (mpqc.sensitivity.indicators). The steps
-start at LSQ's initial value, 2 * mean|x| / sqrt(qmax), which depends on the weights alone (and,
-for activations, on the proxy data's first batch). For each model and each number of training
-epochs this script trains seam's indicators on the full proxy (the transfer benchmark's "full"
-proxy, seed 0) and reports:
+limpq and seam score a layer by its learned LSQ steps (mpqc.sensitivity.indicators), trained with
+LIMPQ's recipe for an iteration budget. The steps start from the weights' spread (and, for
+activations, the float model's first batch), so an indicator that stays near its initial value
+says nothing the weights did not. For each model, proxy (the transfer benchmark's full proxy and
+its random 4%, seed as given) and iteration budget this script trains the indicators and reports:
 
-* how far each weight step moved: learned / initial, per bit-width (min, median, max over layers);
-* the Spearman rank correlation, over layers, between the learned s_w(4) - s_w(8) (what decides
-  w4a8 against w8a8 in the ILP) and the same difference of the initial steps;
-* the policies the ILP picks at the transfer benchmark's three BitOps budgets, and their metric on
-  ONNX Runtime CPU, for the learned steps and for the untrained initial steps (epochs 0).
+* what the training did: iterations run, whether the convergence check stopped it (no step moved
+  more than 1% over the last 10% of the budget) and at which iteration, the largest relative
+  change of any step over each such window, wall and CPU seconds;
+* how far the steps moved: learned / initial per kind and bit-width (min, median, max over layers),
+  and Spearman's rho between the learned and the initial steps over layers, per bit-width and for
+  the gap s_w(4) - s_w(8) that decides w4a8 against w8a8 in the ILP (IndicatorResult.step_summary);
+* the policies the ILP picks at the transfer benchmark's three BitOps budgets, their metric on ONNX
+  Runtime CPU, and how many layers differ from the policy of the untrained steps (budget 0).
 
-    python benchmarks/indicator_steps.py --model efficientnet-lite0 --epochs 0 3 12
-    python benchmarks/indicator_steps.py --model efficientnet-lite0 --epochs 0 3 --step-lrs 0.01 0.1 0.3 \
-        --seed 1 --out benchmarks/results/indicator_steps_efficientnet-lite0_step-lr_seed1.json
+    python benchmarks/indicator_steps.py --model mnist-cnn --iterations 0 300 1000 3000
+    python benchmarks/indicator_steps.py --model efficientnet-lite0 --iterations 0 300 --proxies full 4pct
 
---step-lrs trains each epoch count at each step learning rate (relative to the initial step, as
-mpqc.sensitivity.indicators.STEP_LR): larger rates let the steps move further from their initial
-values in the same few optimizer steps. Writes benchmarks/results/indicator_steps_<model>.json
-unless --out says otherwise. Every number in it is measured by this run.
+Writes benchmarks/results/indicator_steps_<model>.json unless --out says otherwise. Every number in
+it is measured by this run.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
+import os
 import sys
 import time
 
-import numpy as np
 import onnx_ir as ir
-from scipy.stats import spearmanr
+import torch
 from transfer import PROXIES, RESULTS, Evaluator, Sweeps  # (the same proxies, budgets and evaluation)
 
 from mpqc.examples import load_example
@@ -41,30 +40,27 @@ from mpqc.files import write_atomically
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.options import BuildOptions
 from mpqc.pipeline.search import sensitivity_context
-from mpqc.sensitivity.indicators import STEP_LR, train_indicators
+from mpqc.sensitivity.context import INDICATOR_ITERATIONS
+from mpqc.sensitivity.indicators import train_indicators
 from mpqc.targets import load_target
 from mpqc.versions import provenance
-
-
-def step_movement(initial: dict, learned: dict) -> dict:
-    """learned / initial weight step per bit-width, summarised over layers."""
-    summary = {}
-    for bits in sorted({b for steps in learned.values() for b in steps}):
-        ratios = [learned[layer][bits] / initial[layer][bits] for layer in learned if bits in learned[layer]]
-        summary[str(bits)] = {"min": float(np.min(ratios)), "median": float(np.median(ratios)), "max": float(np.max(ratios))}
-    return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(PROXIES))
-    parser.add_argument("--epochs", type=int, nargs="+", default=[0, 3, 12], help="0: the untrained initial steps")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[0, INDICATOR_ITERATIONS],
+                        help="iteration budgets; 0: the untrained initial steps")
+    parser.add_argument("--proxies", nargs="+", default=["full"], choices=["full", "4pct", "other"])
     parser.add_argument("--full", type=int, help="size of the full proxy (as in benchmarks/transfer.py)")
+    parser.add_argument("--method", choices=["seam", "limpq"], default="seam")
+    parser.add_argument("--fixed-ends", action="store_true", help="hold the first and last layer at 8 bits (LIMPQ)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step-lrs", type=float, nargs="+", default=[STEP_LR],
-                        help=f"step learning rates, relative to each step's initial value, to train with (default {STEP_LR})")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/indicator_steps_<model>.json)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     example = load_example(args.model)
     analysis = analyze(args.model)
@@ -72,45 +68,51 @@ def main() -> int:
     sweeps = Sweeps(analysis, target, milliseconds=False)
     evaluate = Evaluator(analysis, target, example, runs=1)  # the metric only; latency is the transfer benchmark's
     candidates = {layer.name: sweeps.bitops_candidates[layer.name] for layer in analysis.layers}
-    full = next(p for p in PROXIES[args.model](args.seed, args.full) if p.name == "full")
+    proxies = {p.name: p for p in PROXIES[args.model](args.seed, args.full)}
     options = BuildOptions(model=args.model, seed=args.seed)
-    base = sensitivity_context(analysis, target, ir.to_proto(analysis.model), full.feeds, candidates, options, full.labels)
 
-    results, initial = [], None
-    runs = [(epochs, step_lr) for epochs in sorted(args.epochs) for step_lr in (args.step_lrs if epochs else [None])]
-    for epochs, step_lr in runs:
-        clock = time.perf_counter()
-        result = train_indicators(dataclasses.replace(base, epochs=epochs, step_lr=step_lr), regularize=True, gmpq=False)
-        seconds = time.perf_counter() - clock
-        if epochs == 0:
-            initial = result.weight_steps
-        row = {"epochs": epochs, "step_lr": step_lr, "optimizer_steps": result.optimizer_steps, "seconds": seconds, "policies": []}
-        if initial is not None and epochs > 0:
-            layers = sorted(result.weight_steps)
-            learned_gap = [result.weight_steps[layer][4] - result.weight_steps[layer][8] for layer in layers]
-            initial_gap = [initial[layer][4] - initial[layer][8] for layer in layers]
-            row["weight_step_learned_over_initial"] = step_movement(initial, result.weight_steps)
-            row["spearman_gap_learned_vs_initial"] = float(spearmanr(learned_gap, initial_gap).statistic)
-        for point, budget in enumerate(sweeps.budgets["bitops"]):
-            assignments, _ = sweeps.solve("bitops", budget, result.scores)
-            measured = evaluate(assignments)
-            row["policies"].append({"point": point, "budget": budget, **sweeps.describe(assignments),
-                                    "metric": measured["metric"], "kl_divergence": measured["kl_divergence"],
-                                    "assignments": assignments})
-        results.append(row)
-        print(f"epochs {epochs:>3} step lr {step_lr}: {seconds:6.1f} s, " + ", ".join(
-            f"bitops@{p['point']} {p['metric']:.2f}" for p in row["policies"])
-            + (f", spearman vs initial {row['spearman_gap_learned_vs_initial']:.3f}, 4-bit steps x"
-               + "{min:.2f}-{max:.2f}".format(**row["weight_step_learned_over_initial"]["4"])
-               if "spearman_gap_learned_vs_initial" in row else ""),
-            flush=True)
+    results, untrained = [], {}
+    for proxy_name in args.proxies:
+        proxy = proxies[proxy_name]
+        base = sensitivity_context(analysis, target, ir.to_proto(analysis.model), proxy.feeds, candidates, options,
+                                   proxy.labels)
+        for budget in sorted(args.iterations):
+            context = dataclasses.replace(base, epochs=None, iterations=budget, fixed_ends=args.fixed_ends)
+            load = os.getloadavg()
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = train_indicators(context, regularize=args.method == "seam", gmpq=False)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            row = {"proxy": proxy_name, "samples": base.sample_count, "iterations_budget": budget,
+                   "iterations": result.optimizer_steps, "seconds": wall, "cpu_seconds": cpu,
+                   "load_average_before": load[0], "load_average_after": os.getloadavg()[0],
+                   "convergence": result.convergence.to_json(), "policies": []}
+            if budget > 0:
+                row["steps"] = result.step_summary()
+            for point, bitops_budget in enumerate(sweeps.budgets["bitops"]):
+                assignments, _ = sweeps.solve("bitops", bitops_budget, result.scores)
+                measured = evaluate(assignments)
+                policy = {"point": point, "budget": bitops_budget, **sweeps.describe(assignments),
+                          "metric": measured["metric"], "kl_divergence": measured["kl_divergence"]}
+                if budget == 0:
+                    untrained[(proxy_name, point)] = assignments
+                elif (proxy_name, point) in untrained:
+                    policy["layers_unlike_untrained"] = sum(
+                        assignments[n] != p for n, p in untrained[(proxy_name, point)].items())
+                policy["assignments"] = assignments
+                row["policies"].append(policy)
+            results.append(row)
+            _print(row)
 
     record = {
         "benchmark": "indicator_steps",
         "model": args.model,
-        "method": "seam",
-        "proxy": {"description": full.description, "samples": len(next(iter(full.feeds.values())))},
+        "method": args.method,
+        "fixed_ends": args.fixed_ends,
+        "proxies": {name: {"description": proxies[name].description,
+                           "samples": len(next(iter(proxies[name].feeds.values())))} for name in args.proxies},
+        "batch_size": base.batch_size,
         "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
         "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
         else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
         **provenance(),
@@ -121,5 +123,18 @@ def main() -> int:
     return 0
 
 
+def _print(row: dict) -> None:
+    convergence = row["convergence"]
+    text = (f"{row['proxy']:>5} budget {row['iterations_budget']:>5}: {row['iterations']} iterations, "
+            f"converged {convergence['converged']} at {convergence['iteration']}, {row['seconds']:.0f} s; "
+            + ", ".join(f"bitops@{p['point']} {p['metric']:.2f}" for p in row["policies"]))
+    steps = row.get("steps")
+    if steps:
+        ratio = steps["weight"]["4"]["learned_over_initial"]
+        text += (f"; w4 steps x{ratio['min']:.2f}-{ratio['max']:.2f}, rho w4 {steps['weight']['4']['spearman_with_initial']}"
+                 f" w8 {steps['weight']['8']['spearman_with_initial']} gap {steps['weight_gap_spearman_with_initial']}")
+    print(text, flush=True)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     import torch
 
 
+# Indicator training iterations when nothing else is asked for: sized in
+# benchmarks/indicator_steps.py (see the README's indicator-training section).
+INDICATOR_ITERATIONS = 300
+
+
 @dataclasses.dataclass(frozen=True)
 class SensitivityContext:
     float_model: onnx.ModelProto  # canonicalized float model (BN folded), the one the lowering quantizes
@@ -44,14 +49,26 @@ class SensitivityContext:
     # outputs with the float model's instead of fitting labels.
     classifier: bool = True
     seed: int = 0
-    # Indicator training (limpq, seam): passes over the proxy data and samples per step. The same
-    # number of epochs on a smaller proxy set is proportionally less work, which is the point.
-    epochs: int = 3
+    # Indicator training (limpq, seam): an iteration budget, the same on any proxy size (a small
+    # proxy is cycled through), and samples per iteration. Training stops earlier once the steps
+    # have converged (mpqc.sensitivity.indicators).
+    iterations: int = INDICATOR_ITERATIONS
+    # Passes over the proxy data instead of an iteration budget (iterations = epochs x batches per
+    # pass), where a caller still asks for epochs; None: `iterations` decides.
+    epochs: int | None = None
     batch_size: int = 32
     gmpq: bool = False  # add the attribution-imitation (Grad-CAM) term to indicator training
-    # Adam learning rate of the learned indicators' LSQ steps, relative to each step's initial value
-    # (None: mpqc.sensitivity.indicators.STEP_LR).
-    step_lr: float | None = None
+    # LIMPQ fixes the first and last layer at 8 bits and does not search them. True: indicator
+    # training holds them at their 8-bit candidate and their narrower candidates score
+    # prohibitively; False: they train and are searched like every other layer.
+    fixed_ends: bool = False
+
+    def indicator_iterations(self) -> int:
+        """The iteration budget of indicator training: `iterations`, or `epochs` passes over the proxy."""
+        if self.epochs is None:
+            return self.iterations
+        per_pass = -(-self.sample_count // max(1, min(self.batch_size, self.sample_count)))
+        return self.epochs * per_pass
 
     @property
     def sample_count(self) -> int:

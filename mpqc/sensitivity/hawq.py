@@ -6,6 +6,12 @@ Hutchinson's method (E[v^T H v] = tr H for Rademacher v) from Hessian-vector pro
 backward. No training: one forward and one backward per batch, then one extra backward per
 Hutchinson iteration, shared by every layer. fp32 scores 0.
 
+Iterations follow PyHessian's trace(maxIter=100, tol=1e-3), which HAWQ-V3 uses: probes are drawn
+until the running mean of v^T H v changes by less than tol relative to its previous value
+(|m_i - m_(i-1)| / (|m_(i-1)| + 1e-6) < tol, with m_0 = 0), at most maxIter of them. Each layer
+stops on its own estimate, as per-layer PyHessian runs would (one Hessian-vector product still
+serves every layer that is still going); the iterations each layer took, per batch, are recorded.
+
 The loss is the cross entropy against the training labels when the model is a classifier of those
 labels; otherwise (embeddings, or labels of other classes) it is the MSE between the output and
 the float model's own output. That MSE is zero with a zero gradient at the float weights, but its
@@ -39,20 +45,46 @@ from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.qerror import quantized_weight
 
 DEFAULT_SAMPLES = 64
-DEFAULT_ITERATIONS = 16
+DEFAULT_ITERATIONS = 100  # PyHessian's maxIter
+DEFAULT_TOLERANCE = 1e-3  # PyHessian's tol; 0 runs every iteration
 LOSSES = ("auto", "cross_entropy", "mse")
 
 
-def hawq_scores(
-    context: SensitivityContext,
-    *,
-    samples: int = DEFAULT_SAMPLES,
-    iterations: int = DEFAULT_ITERATIONS,
-    loss: str = "auto",
-) -> dict[tuple[str, str], float]:
-    """(layer, precision) -> average Hessian trace x squared weight quantization error; fp32 scores 0."""
+@dataclasses.dataclass
+class HessianTraces:
+    """Per-layer average Hessian traces and how the Hutchinson estimate of each got there."""
+
+    traces: dict[str, float]  # layer -> tr(d2 loss / dW2) / W.numel()
+    iterations: dict[str, list[int]]  # layer -> Hutchinson iterations it took, per batch
+    converged: dict[str, list[bool]]  # layer -> whether its estimate met the tolerance, per batch
+    max_iterations: int
+    tolerance: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class HawqResult:
+    scores: dict[tuple[str, str], float]
+    hessian: HessianTraces
+
+    def to_json(self) -> dict:
+        return {"scores": [{"layer": layer, "precision": p, "score": s} for (layer, p), s in self.scores.items()],
+                **self.hessian.to_json()}
+
+
+def hawq_scores(context: SensitivityContext, **options) -> dict[tuple[str, str], float]:
+    """(layer, precision) -> average Hessian trace x squared weight quantization error; fp32 scores 0.
+    `options`: hessian_traces' (samples, iterations, tolerance, loss)."""
+    return hawq_result(context, **options).scores
+
+
+def hawq_result(context: SensitivityContext, **options) -> HawqResult:
+    """The scores with the traces behind them and the Hutchinson iterations each took."""
     context.require_module("hawq")
-    traces = average_hessian_traces(context, samples=samples, iterations=iterations, loss=loss)
+    hessian = hessian_traces(context, **options)
+    traces = hessian.traces
     modules = context.layer_modules()
     calls = _calls_per_weight(modules)
     block_size = context.target.int4_block_size
@@ -68,24 +100,32 @@ def hawq_scores(
         for name in names:
             error = weight_quantization_error(modules[layer.name], layer, precision(name), block_size)
             scores[(layer.name, name)] = share * error
-    return scores
+    return HawqResult(scores, hessian)
 
 
-def average_hessian_traces(
+def average_hessian_traces(context: SensitivityContext, **options) -> dict[str, float]:
+    """Layer name -> Hutchinson estimate of tr(d2 loss / dW2) / W.numel(), for layers with a quantized
+    candidate. `options`: hessian_traces'."""
+    return hessian_traces(context, **options).traces
+
+
+def hessian_traces(
     context: SensitivityContext,
     *,
     samples: int = DEFAULT_SAMPLES,
     iterations: int = DEFAULT_ITERATIONS,
+    tolerance: float = DEFAULT_TOLERANCE,
     loss: str = "auto",
-) -> dict[str, float]:
-    """Layer name -> Hutchinson estimate of tr(d2 loss / dW2) / W.numel(), for layers with a quantized candidate.
-
-    The loss is the mean over the first `samples` proxy samples; all randomness comes from context.seed.
-    """
+) -> HessianTraces:
+    """The traces of average_hessian_traces and the iterations behind them. The loss is the mean over
+    the first `samples` proxy samples; all randomness comes from context.seed. `iterations` is the
+    most Hutchinson probes per batch; a layer stops earlier once its estimate is stable to `tolerance`."""
     if loss not in LOSSES:
         raise MpqcError(f"unknown hawq loss '{loss}': use one of {', '.join(LOSSES)}")
     if samples < 1 or iterations < 1:
         raise MpqcError(f"hawq needs at least one sample and one iteration, got {samples} and {iterations}")
+    if not tolerance >= 0:
+        raise MpqcError(f"hawq's tolerance must be at least 0, got {tolerance}")
     module = context.require_module("hawq")
     modules = context.layer_modules()
     scored = [layer.name for layer in context.layers if _has_quantized_candidate(context.candidates.get(layer.name))]
@@ -93,24 +133,55 @@ def average_hessian_traces(
         _torch_weight_axes(modules[name], name)  # an unsupported layer fails before the costly part
     weights = _unique_weights(modules[name] for name in scored)
     if not weights:
-        return {}
+        return HessianTraces({}, {}, {}, iterations, tolerance)
 
     count = min(samples, context.sample_count)
     objective = _Objective.choose(context, loss)
     generator = torch.Generator().manual_seed(context.seed)
     sums = [0.0] * len(weights)
+    taken: list[list[int]] = [[] for _ in weights]
+    settled: list[list[bool]] = [[] for _ in weights]
     with _gradients_for(module, weights), torch.inference_mode(False), torch.enable_grad():
         batches = context.batches(np.random.default_rng(context.seed), indices=np.arange(count))
         for indices, inputs in progress.bar(batches, "hawq Hessian traces", total=-(-count // context.batch_size), unit="batch"):
-            batch_traces = _batch_traces(module, inputs, objective, indices, weights, iterations, generator)
-            for i, trace in enumerate(batch_traces):
+            estimates = _batch_traces(module, inputs, objective, indices, weights, iterations, tolerance, generator)
+            for i, estimate in enumerate(estimates):
                 # Batch means weighted by batch size: the trace of the mean loss over all `count` samples.
-                sums[i] += trace * len(indices) / count
+                sums[i] += estimate.value * len(indices) / count
+                taken[i].append(estimate.iterations)
+                settled[i].append(estimate.converged)
 
+    index = {id(w): i for i, w in enumerate(weights)}
     by_weight = {id(w): total / w.numel() for w, total in zip(weights, sums)}
     # Hutchinson's estimate is unbiased but noisy, and the cross-entropy Hessian away from a minimum
     # may be indefinite: a negative estimate means "flat", and scores must not reward quantization.
-    return {name: max(by_weight[id(modules[name].weight)], 0.0) for name in scored}
+    traces = {name: max(by_weight[id(modules[name].weight)], 0.0) for name in scored}
+    return HessianTraces(traces, {name: taken[index[id(modules[name].weight)]] for name in scored},
+                         {name: settled[index[id(modules[name].weight)]] for name in scored}, iterations, tolerance)
+
+
+class RunningTrace:
+    """PyHessian's stopping rule for one layer's Hutchinson estimate: stop once the running mean of
+    the probes changed by less than `tolerance` relative to its previous value (or at `limit`)."""
+
+    def __init__(self, limit: int, tolerance: float):
+        self.limit, self.tolerance = limit, tolerance
+        self.total, self.iterations = 0.0, 0
+        self.converged = False
+
+    @property
+    def value(self) -> float:
+        return self.total / self.iterations if self.iterations else 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.converged or self.iterations >= self.limit
+
+    def add(self, probe: float) -> None:
+        previous = self.value
+        self.total += probe
+        self.iterations += 1
+        self.converged = abs(self.value - previous) / (abs(previous) + 1e-6) < self.tolerance
 
 
 def weight_quantization_error(module: nn.Module, layer: Layer, p: Precision, block_size: int) -> float:
@@ -178,9 +249,10 @@ def _batch_traces(
     indices: np.ndarray,
     weights: list[nn.Parameter],
     iterations: int,
+    tolerance: float,
     generator: torch.Generator,
-) -> list[float]:
-    """Hutchinson estimate of each weight's Hessian trace of this batch's mean loss."""
+) -> list[RunningTrace]:
+    """Hutchinson estimate of each weight's Hessian trace of this batch's mean loss, probed until stable."""
     value = objective(_model_output(module(*inputs)), indices)
     if not torch.isfinite(value):
         raise MpqcError(f"hawq: the loss on the proxy data is {float(value)}: the float model's outputs are not finite")
@@ -188,17 +260,18 @@ def _batch_traces(
         gradients = torch.autograd.grad(value, weights, create_graph=True)
     except RuntimeError as exc:
         raise MpqcError(f"hawq could not differentiate this model: {str(exc).splitlines()[0]}") from None
-    totals = [0.0] * len(weights)
-    for _ in range(iterations):
+    estimates = [RunningTrace(iterations, tolerance) for _ in weights]
+    while not all(estimate.done for estimate in estimates):
+        # Every weight draws its probe each round (one Hessian-vector product serves them all), so a
+        # layer's probes do not depend on when the others stop.
         vectors = [_rademacher(w, generator) for w in weights]
-        # One backward through the gradients gives H v for every weight at once.
         products = _hessian_vector_products(gradients, weights, vectors)
-        for i, (v, hv) in enumerate(zip(vectors, products)):
-            totals[i] += float(torch.sum(v * hv))
-    traces = [total / iterations for total in totals]
-    if not all(np.isfinite(traces)):
+        for estimate, v, hv in zip(estimates, vectors, products):
+            if not estimate.done:
+                estimate.add(float(torch.sum(v * hv)))
+    if not all(np.isfinite([estimate.value for estimate in estimates])):
         raise MpqcError("hawq: the Hessian trace estimate is not finite: the loss curvature overflows float32")
-    return traces
+    return estimates
 
 
 def _hessian_vector_products(gradients, weights, vectors) -> list[torch.Tensor]:

@@ -3,7 +3,10 @@ puts them on a model's layers for indicator training.
 
 A quantizer computes round(clamp(x / s, qmin, qmax)) * s with a learnable step s. Rounding passes the
 gradient straight through; the gradient of s is the LSQ one, scaled by g = 1 / sqrt(numel * qmax)
-so that steps learn at the pace of the weights. The step starts at 2 * mean(|x|) / sqrt(qmax).
+so that steps learn at the pace of the weights. Starting steps follow LIMPQ's reference code: a
+weight's from its spread, max(|mean - 3 std|, |mean + 3 std|) / 2^(b-1) (the range that holds
+nearly all of a bell-shaped weight, split into the 2^(b-1) levels of one sign); an activation's is
+LSQ's 2 * mean(|x|) / sqrt(qmax).
 
 Integer ranges: signed tensors use the narrow symmetric range [-(2^(b-1) - 1), 2^(b-1) - 1] that
 the lowering uses for weights (mpqc.lower.numerics); non-negative activations (post-ReLU) use
@@ -32,32 +35,47 @@ class LsqFakeQuantize(torch.autograd.Function):
 
     d/dx: 1 where qmin <= x/s <= qmax (straight-through rounding), else 0.
     d/ds: g * (round(x/s) - x/s) inside the range, g * qmin or g * qmax outside it, summed as
-    <grad, levels> - <grad_x, x/s>: no per-element select, at a relative error of about 1e-4 on
-    tens of millions of elements (float32 dot products), far below the gradient's sampling noise.
-    Written out rather than composed from straight-through tricks, which made autograd run about
-    twice the elementwise passes; on a CPU those passes cost as much as the convolutions.
-    Saves x itself (usually kept by the ReLU before it anyway) and recomputes the rest.
+    (<grad, y> - <grad_x, x>) / s with y the output (levels times s): no per-element select and no
+    division pass, at a relative error of about 1e-4 on tens of millions of elements (float32 dot
+    products), far below the gradient's sampling noise. Written out rather than composed from
+    straight-through tricks, which made autograd run about twice the elementwise passes; on a CPU
+    those passes cost as much as the convolutions. Saves x (usually kept by the ReLU before it
+    anyway) and y (kept by the layer after it, which needs its input for its weight gradient).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_scale: float) -> torch.Tensor:
-        ctx.save_for_backward(x, step)
+        y = (x / step).clamp_(qmin, qmax).round_().mul_(step)
+        ctx.save_for_backward(x, step, y)
         ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
-        return (x / step).clamp_(qmin, qmax).round_().mul_(step)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, step = ctx.saved_tensors
-        scaled = x / step
-        clamped = scaled.clamp(ctx.qmin, ctx.qmax)
-        grad_x = torch.where(clamped == scaled, grad, 0.0)
+        x, step, y = ctx.saved_tensors
+        s = float(step)
+        grad_x = torch.where(x.clamp(ctx.qmin * s, ctx.qmax * s) == x, grad, 0.0)
         grad_step = None
         if ctx.needs_input_grad[1]:
             # sum(grad * levels) - sum(grad_x * x/s): round(x/s) - x/s inside the range, the level outside.
-            inside_part = torch.vdot(grad_x.flatten(), clamped.flatten())
-            levels = clamped.round_()
-            grad_step = ((torch.vdot(grad.flatten(), levels.flatten()) - inside_part) * ctx.grad_scale).reshape(step.shape)
+            grad_step = ((_dot(grad, y) - _dot(grad_x, x)) * (ctx.grad_scale / s)).reshape(step.shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over every element, without copying tensors laid out alike (channels-last ones too)."""
+    if a.stride() == b.stride():
+        return torch.vdot(_flat_view(a), _flat_view(b))
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements of `t` as one vector in memory order (a view where the layout allows one)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
 
 
 def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_scale: float) -> torch.Tensor:
@@ -87,8 +105,15 @@ class LsqQuantizer(nn.Module):
         return cls(bits, signed=signed, per_sample=True)
 
     def initialize(self, mean_abs: float) -> None:
-        """The LSQ initial step from the tensor's mean absolute value."""
-        self.initial_step = max(2.0 * mean_abs / math.sqrt(self.qmax), 1e-8)
+        """The LSQ initial step from the tensor's mean absolute value (activations)."""
+        self.set_initial(2.0 * mean_abs / math.sqrt(self.qmax))
+
+    def initialize_from_spread(self, mean: float, std: float) -> None:
+        """LIMPQ's initial weight step: the larger end of mean -+ 3 std over 2^(b-1)."""
+        self.set_initial(max(abs(mean - 3.0 * std), abs(mean + 3.0 * std)) / 2 ** (self.bits - 1))
+
+    def set_initial(self, value: float) -> None:
+        self.initial_step = max(value, 1e-8)
         with torch.no_grad():
             self.step.fill_(self.initial_step)
 
@@ -149,10 +174,11 @@ class LayerQuantizers(nn.Module):
         self.statistics: InputStatistics | None = None  # collecting while set
 
     def initialize(self, weight: torch.Tensor, inputs: InputStatistics) -> None:
-        """LSQ initial steps: weights from the float weight, activations from the first float batch."""
-        mean_abs = float(weight.detach().abs().mean())
+        """Initial steps: weights from the float weight's spread, activations from the first float batch."""
+        values = weight.detach().double()
+        mean, std = float(values.mean()), float(values.std()) if values.numel() > 1 else 0.0
         for quantizer in self.weight.values():
-            quantizer.initialize(mean_abs)
+            quantizer.initialize_from_spread(mean, std)
         signed = not inputs.non_negative
         self.activation = nn.ModuleDict({str(b): LsqQuantizer.for_activation(b, signed) for b in self.activation_bits})
         for quantizer in self.activation.values():

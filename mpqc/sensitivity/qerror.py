@@ -2,7 +2,8 @@
 
 Each layer is recomputed in torch on the inputs the float model really feeds it, with its weight
 quantized as the lowering quantizes it (mpqc.lower.numerics: per output channel, or block-wise along
-the reduction axis for INT4 weight-only) and, where the precision quantizes activations, its input
+the reduction axis for INT4 weight-only; an INT8 Gemm's bias rounded to INT32 where the target
+stores it so) and, where the precision quantizes activations, its input
 fake-quantized per tensor over the range observed on the same samples. The score is the output's
 MSE divided by the output's mean square, so layers of any scale compare; fp32 scores 0.
 
@@ -52,7 +53,8 @@ class LayerOp:
         auto_pad = attrs.get("auto_pad", b"NOTSET")
         self.auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, gemm_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`gemm_bias`: a Gemm's bias as the lowering stored it (beta folded in), instead of its own."""
         if self.op_type == "Conv":
             return self._conv(x, weight)
         if self.op_type == "MatMul":
@@ -60,7 +62,22 @@ class LayerOp:
         y = torch.matmul(x, weight.T if self.trans_b else weight)
         if self.alpha != 1.0:
             y = y * self.alpha
+        if gemm_bias is not None:
+            return y + gemm_bias
         return y if self.bias is None else y + self.beta * self.bias
+
+    def int32_bias(self, input_scale: np.float32, weight_scales: np.ndarray) -> torch.Tensor | None:
+        """The bias an INT8 Gemm gets on targets with `int32_gemm_bias` (mpqc.lower.qdq): rounded to
+        INT32 at input scale x weight scale; None where the lowering leaves the float bias."""
+        if self.op_type != "Gemm" or self.bias is None or self.alpha != 1.0:
+            return None
+        bias = self.bias.numpy().astype(np.float64) * self.beta
+        scales = (np.float64(input_scale) * weight_scales.astype(np.float64)).astype(np.float32)
+        if bias.ndim != 1 or bias.shape != scales.shape:
+            return None
+        limit = np.iinfo(np.int32).max
+        q = np.clip(np.rint(bias / scales), -limit, limit).astype(np.int32)
+        return torch.from_numpy((q.astype(np.float32) * scales).astype(np.float32))
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         spatial = weight.dim() - 2
@@ -142,7 +159,7 @@ def qerror_scores(
     ranges = calibrate(float_model, inputs, feeds, calibration, percentile, batch_size)
     for plan in plans:
         if plan.quantizes_input:
-            plan.activation = numerics.activation_params(*ranges[plan.layer.activation], target.activation_type)
+            plan.set_activation(numerics.activation_params(*ranges[plan.layer.activation], target.activation_type))
 
     tensors = list(dict.fromkeys(name for plan in plans for name in (plan.layer.activation, plan.layer.output)))
     with torch.inference_mode():
@@ -164,6 +181,12 @@ class _Plan:
         float_weight = numpy_helper.to_array(weight).astype(np.float32)
         self.float_weight = torch.from_numpy(float_weight)
         self.weights = {}
+        # INT8 Gemms whose bias the lowering stores as INT32: their per-channel weight scales.
+        self.int32_bias_scales = {
+            p.name: numerics.quantize_weight(float_weight, 8, layer.channel_axis)[1] for p in chosen
+            if target.int32_gemm_bias and op.op_type == "Gemm" and p.weight_bits == 8 and p.quantizes_activations
+            and p.weight_granularity != "block"}
+        self.gemm_biases: dict[str, torch.Tensor | None] = {}
         for p in chosen:
             if p.is_float:
                 self.weights[p.name] = self.float_weight
@@ -179,6 +202,10 @@ class _Plan:
         self.energy = 0.0
         self.count = 0
 
+    def set_activation(self, params: tuple[np.float32, np.ndarray]) -> None:
+        self.activation = params
+        self.gemm_biases = {name: self.op.int32_bias(params[0], scales) for name, scales in self.int32_bias_scales.items()}
+
     def accumulate(self, values: dict[str, np.ndarray]) -> None:
         x = torch.from_numpy(values[self.layer.activation])
         reference = torch.from_numpy(values[self.layer.output]) if self.op.has_full_bias else self.op(x, self.float_weight)
@@ -187,7 +214,7 @@ class _Plan:
         # Every activation-quantizing precision reads the same per-tensor quantized input.
         quantized_x = fake_quantize_activation(x, *self.activation) if self.quantizes_input else None
         for p in self.chosen:
-            y = self.op(quantized_x if p.quantizes_activations else x, self.weights[p.name])
+            y = self.op(quantized_x if p.quantizes_activations else x, self.weights[p.name], self.gemm_biases.get(p.name))
             self.error[p.name] += _sum_of_squares(y.sub_(reference))
 
     def scores(self) -> dict[tuple[str, str], float]:

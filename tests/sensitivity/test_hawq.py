@@ -21,7 +21,15 @@ from mpqc.passes.layers import Layer
 from mpqc.pipeline.options import BuildOptions
 from mpqc.precision import W4A8, W4A16
 from mpqc.sensitivity.context import SensitivityContext
-from mpqc.sensitivity.hawq import average_hessian_traces, hawq_scores, weight_quantization_error
+from mpqc.sensitivity.hawq import (
+    DEFAULT_ITERATIONS,
+    RunningTrace,
+    average_hessian_traces,
+    hawq_result,
+    hawq_scores,
+    hessian_traces,
+    weight_quantization_error,
+)
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
 
@@ -49,8 +57,13 @@ def mnist():
 
 
 @pytest.fixture(scope="module")
-def scores(mnist):
-    return hawq_scores(mnist)
+def result(mnist):
+    return hawq_result(mnist)
+
+
+@pytest.fixture(scope="module")
+def scores(result):
+    return result.scores
 
 
 def test_scores_cover_every_candidate_and_order_by_weight_bits(mnist, scores):
@@ -187,6 +200,10 @@ def test_trace_is_exact_when_the_hessian_is_diagonal():
     context = _tiny_context(nn.Sequential(nn.Linear(6, 3)), x, cross_entropy=False)
     exact = _exact_average_traces(context)
     assert average_hessian_traces(context, iterations=1) == pytest.approx(exact, rel=1e-5)
+    # Every probe gives the same number, so the running mean stops changing at the second probe.
+    record = hessian_traces(context)
+    assert record.traces == pytest.approx(exact, rel=1e-5)
+    assert record.iterations == {"0": [2, 2, 2]} and record.converged == {"0": [True, True, True]}
 
 
 @pytest.mark.parametrize("cross_entropy", [True, False], ids=["cross-entropy", "output-mse"])
@@ -195,7 +212,7 @@ def test_hutchinson_trace_matches_the_exact_hessian(cross_entropy):
     context = _mlp_context(cross_entropy)
     exact = _exact_average_traces(context)
     std = _estimate_std(context, iterations)
-    estimate = average_hessian_traces(context, iterations=iterations)
+    estimate = average_hessian_traces(context, iterations=iterations, tolerance=0.0)  # every probe: a known variance
     assert set(estimate) == set(exact) == {"0", "2"}
     for layer, value in exact.items():
         assert value > 0 and std[layer] < 0.05 * value, (layer, value, std[layer])  # the check below has teeth
@@ -225,3 +242,37 @@ def test_torch_linear_blocks_run_along_its_input_axis():
     expected = float(np.sum((weight - q * numerics.expand_scales(scales, weight.shape, 1, 64)) ** 2))
     assert weight_quantization_error(linear, layer, W4A16, 64) == pytest.approx(expected, rel=1e-6)
     assert weight_quantization_error(linear, layer, W4A16, 64) < weight_quantization_error(linear, layer, W4A8, 64)
+
+
+def test_running_trace_stops_as_pyhessian_does():
+    steady = RunningTrace(limit=100, tolerance=1e-3)
+    for probe in (4.0, 4.0):
+        steady.add(probe)
+    assert steady.done and steady.converged and steady.iterations == 2 and steady.value == 4.0
+    # Running means 2, 3, 2.667, 2.5: relative changes 1/2, 1/9, 1/16, each above 0.05, so it goes on.
+    noisy = RunningTrace(limit=100, tolerance=0.05)
+    for probe in (2.0, 4.0, 2.0, 2.0):
+        assert not noisy.done
+        noisy.add(probe)
+    noisy.add(2.5)  # mean 2.5 again: no change
+    assert noisy.converged and noisy.iterations == 5 and noisy.value == pytest.approx(2.5)
+    capped = RunningTrace(limit=3, tolerance=0.0)
+    for probe in (1.0, 5.0, 1.0):
+        capped.add(probe)
+    assert capped.done and not capped.converged and capped.iterations == 3
+
+
+def test_hutchinson_iterations_are_recorded_and_bounded(mnist, result):
+    record = result.hessian
+    assert set(record.iterations) == set(record.converged) == set(mnist.candidates)
+    for layer, counts in record.iterations.items():
+        assert len(counts) == 2  # two batches of 32
+        assert all(2 <= n <= DEFAULT_ITERATIONS for n in counts), (layer, counts)
+        # A layer that stopped before the limit stopped because its estimate met the tolerance.
+        assert all(done for n, done in zip(counts, record.converged[layer]) if n < DEFAULT_ITERATIONS), layer
+    assert record.to_json()["max_iterations"] == DEFAULT_ITERATIONS and record.tolerance == 1e-3
+    assert result.to_json()["iterations"] == record.iterations
+    # No tolerance: every layer takes every iteration.
+    fixed = hessian_traces(mnist, samples=32, iterations=5, tolerance=0.0)
+    assert all(counts == [5] for counts in fixed.iterations.values())
+    assert not any(any(flags) for flags in fixed.converged.values())

@@ -1,9 +1,12 @@
-"""limpq / seam indicator training on the bundled mnist-cnn: the LSQ quantizer's numbers, the scores'
-shape and order, determinism, the untouched user module, seam's margin terms, the proxy head, the
-GMPQ attribution term and LIMPQ's outlier rule."""
+"""limpq / seam indicator training on the bundled mnist-cnn: the LSQ quantizer's numbers, LIMPQ's
+training recipe (SGD, clipping, cosine, weights and switchable BatchNorm trained), the iteration
+budget and the convergence check, the recorded step statistics, the scores' shape and order,
+determinism, the untouched user module, seam's margin terms, the proxy head, the GMPQ attribution
+term, LIMPQ's outlier rule and its fixed first and last layers."""
 
 import copy
 import dataclasses
+import json
 import math
 import textwrap
 
@@ -11,27 +14,36 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 
 from mpqc.data.mnist import mnist_split
 from mpqc.passes.analysis import analyze
+from mpqc.sensitivity.batchnorm import SwitchableBatchNorm
 from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.gradcam import attribution_loss, grad_cam, last_spatial_conv
 from mpqc.sensitivity.indicators import (
+    LEARNING_RATE,
+    MIN_LEARNING_RATE,
     PROHIBITIVE,
+    WEIGHT_DECAY,
+    ConvergenceMonitor,
     QuantizedCopy,
+    _supervision,
+    _Trainer,
     measure_float_model,
     scores_from_steps,
     train_indicators,
     unreliable_bits,
 )
-from mpqc.sensitivity.lsq import LsqQuantizer, lsq_fake_quantize
+from mpqc.sensitivity.lsq import InputStatistics, LayerQuantizers, LsqQuantizer, lsq_fake_quantize
 from mpqc.sensitivity.margin import compactness_loss, margin_cross_entropy, train_proxy_head
 from mpqc.sensitivity.methods import score_layers
 from mpqc.targets import load_target
 
-SAMPLES = 256  # 8 steps of 32 per epoch: enough to move every step, quick on two cores
+SAMPLES = 256
+ITERATIONS = 8  # a pass over the 256 samples in batches of 32: enough to move every step, quick on two cores
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +63,7 @@ def mnist():
         input_names=tuple(analysis.loaded.input_names),
         module=analysis.loaded.module,
         labels=labels[:SAMPLES],
-        epochs=1,
+        iterations=ITERATIONS,
     )
 
 
@@ -145,7 +157,8 @@ def test_a_module_called_twice_gets_quantizers_per_call(tmp_path, monkeypatch):
     context = SensitivityContext(
         float_model=ir.to_proto(analysis.model), layers=analysis.layers,
         candidates={"conv1": ["fp32", "w8a8", "w4a8"], "mid": ["fp32", "w8a8", "w4a8"], "mid#1": ["fp32"], "fc": ["fp32", "w8a8"]},
-        target=target, feeds={"input": x}, input_names=("input",), module=analysis.loaded.module, epochs=1, batch_size=16,
+        target=target, feeds={"input": x}, input_names=("input",), module=analysis.loaded.module, iterations=2,
+        batch_size=16,
     )
     result = train_indicators(context, regularize=True, gmpq=False)
     module = analysis.loaded.module
@@ -171,7 +184,7 @@ def test_every_candidate_is_scored_and_four_bits_score_above_eight(mnist, limpq)
         assert result.scores[(layer, "w4a8")] > result.scores[(layer, "w8a8")], layer
     # Weight-only INT4 drops the activation part of w4a8's score and nothing else.
     assert result.scores[("fc", "w4a16")] == pytest.approx(result.scores[("fc", "w4a8")] - result.activation_steps["fc"][8])
-    assert result.optimizer_steps == SAMPLES // mnist.batch_size and result.seconds > 0
+    assert result.optimizer_steps == ITERATIONS and result.seconds > 0
 
 
 def test_a_step_pushed_through_zero_is_projected_back_positive():
@@ -187,18 +200,168 @@ def test_a_step_pushed_through_zero_is_projected_back_positive():
     assert quantizer.step.item() == pytest.approx(0.3)  # a positive step is left alone
 
 
-def test_a_large_step_learning_rate_keeps_every_step_positive(mnist):
-    result = train_indicators(dataclasses.replace(mnist, step_lr=1.0), regularize=False, gmpq=False)
-    steps = [s for table in (result.weight_steps, result.activation_steps) for per_bits in table.values() for s in per_bits.values()]
-    assert min(steps) > 0
-
-
 def test_steps_moved_from_their_initial_values(mnist, limpq):
     result, _ = limpq
     quantized = QuantizedCopy.create(mnist)
     quantized.initialize_steps(measure_float_model(mnist, quantized, False, None).inputs)
     initial = {layer: q.steps()[0] for layer, q in quantized.quantizers.items()}
+    assert result.initial_weight_steps == initial  # the recorded starting point is the real one
     assert all(result.weight_steps[layer][b] != initial[layer][b] for layer in initial for b in (4, 8))
+    steps = [s for table in (result.weight_steps, result.activation_steps) for per_bits in table.values() for s in per_bits.values()]
+    assert min(steps) > 0
+
+
+def test_the_result_records_how_far_the_steps_moved_and_their_order(limpq):
+    result, _ = limpq
+    record = json.loads(json.dumps(result.to_json()))  # what build.json would hold
+    summary = record["step_summary"]
+    layers = sorted(result.weight_steps)
+    for bits in (4, 8):
+        learned = [result.weight_steps[layer][bits] for layer in layers]
+        initial = [result.initial_weight_steps[layer][bits] for layer in layers]
+        ratios = np.array(learned) / np.array(initial)
+        entry = summary["weight"][str(bits)]
+        assert entry["layers"] == len(layers)
+        assert entry["learned_over_initial"] == pytest.approx(
+            {"min": ratios.min(), "median": np.median(ratios), "max": ratios.max()})
+        assert entry["spearman_with_initial"] == pytest.approx(spearmanr(learned, initial).statistic)
+    gap = spearmanr([result.weight_steps[la][4] - result.weight_steps[la][8] for la in layers],
+                    [result.initial_weight_steps[la][4] - result.initial_weight_steps[la][8] for la in layers]).statistic
+    assert summary["weight_gap_spearman_with_initial"]["4-8"] == pytest.approx(gap)
+    assert set(summary["activation"]) == {"8"}
+    convergence = record["convergence"]
+    # 8 iterations: a window of 1 is too short to judge convergence, so the budget runs out.
+    assert convergence == {"budget": ITERATIONS, "window": 1, "tolerance": 0.01, "converged": False, "iteration": None,
+                           "movement": convergence["movement"]}
+    assert [i for i, _ in convergence["movement"]] == list(range(1, ITERATIONS + 1))
+    assert record["initial_weight_steps"]["fc"]["4"] == result.initial_weight_steps["fc"][4]
+
+
+def test_weight_steps_start_from_the_weight_spread():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3) * 0.05 + 0.01
+    quantizers = LayerQuantizers("conv", [4, 8], [8])
+    statistics = InputStatistics()
+    statistics.add(torch.rand(2, 8, 5, 5))
+    quantizers.initialize(weight, statistics)
+    mean, std = float(weight.double().mean()), float(weight.double().std())
+    spread = max(abs(mean - 3 * std), abs(mean + 3 * std))
+    assert quantizers.weight["4"].step.item() == pytest.approx(spread / 8)  # LIMPQ: 3 std over 2^(b-1)
+    assert quantizers.weight["8"].step.item() == pytest.approx(spread / 128)
+    assert quantizers.activation["8"].step.item() == pytest.approx(2 * statistics.first_mean_abs / math.sqrt(255))
+
+
+def test_one_iteration_follows_limpq_recipe(mnist):
+    quantized = QuantizedCopy.create(mnist)
+    reference = measure_float_model(mnist, quantized, False, None)
+    quantized.initialize_steps(reference.inputs)
+    labels, regularizer = _supervision(mnist, reference, False)
+    trainer = _Trainer(mnist, quantized, labels, regularizer, reference, None, 1, 2)
+    groups = trainer.optimizer.param_groups
+    assert type(trainer.optimizer) is torch.optim.SGD and all(g["momentum"] == 0.9 for g in groups)
+    assert [g["weight_decay"] for g in groups] == [WEIGHT_DECAY, 0.0]
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() < 2 for p in groups[1]["params"])
+    model = quantized.model
+    before = copy.deepcopy(model.state_dict())
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, SwitchableBatchNorm)}
+    assert set(bns) == {"stem.bn", "block1.bn1", "block1.bn2", "block1.shortcut.bn", "block2.bn1", "block2.bn2",
+                        "block2.shortcut.bn", "block3.bn1", "block3.bn2"}
+    model.train()
+    trainer.step(np.arange(32), [*quantized.uniform_settings(), quantized.random_setting(0, 0)])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # The weights train with the steps, and every BatchNorm copy a pass reached trains (train mode:
+    # its running statistics move too); the float and shared copies no layer ran at stay as they were.
+    assert "stem.conv.parametrizations.weight.original" in changed and "fc.bias" in changed
+    for name in bns:
+        for key in ("w8", "w4"):
+            assert {f"{name}.copies.{key}.weight", f"{name}.copies.{key}.running_mean"} <= changed, (name, key)
+        for key in ("fp32", "shared"):
+            assert not any(k.startswith(f"{name}.copies.{key}.") for k in changed), (name, key)
+            assert bns[name].copies[key].weight.grad is None  # an all-zero gradient sits the step out
+    assert not torch.equal(after["stem.bn.copies.w8.weight"], after["stem.bn.copies.w4.weight"])
+    gradients = [p.grad for p in trainer.parameters if p.grad is not None]
+    assert max(float(g.abs().max()) for g in gradients) <= 1.0  # clipped per element
+    assert trainer.schedule.get_last_lr()[0] == pytest.approx(MIN_LEARNING_RATE + (LEARNING_RATE - MIN_LEARNING_RATE) / 2)
+    trainer.step(np.arange(32, 64), [*quantized.uniform_settings()])
+    assert trainer.schedule.get_last_lr()[0] == pytest.approx(MIN_LEARNING_RATE)  # the cosine's end at the budget
+
+
+def test_each_batch_norm_uses_the_copy_of_the_bit_width_its_conv_ran_at(mnist):
+    quantized = QuantizedCopy.create(mnist)
+    quantized.initialize_steps(measure_float_model(mnist, quantized, False, None).inputs)
+    model = quantized.model.train()
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, SwitchableBatchNorm)}
+    producer = {name: name.replace("bn", "conv") for name in bns}  # stem.bn <- stem.conv, block1.bn1 <- block1.conv1
+    # A mixed policy that runs some of these convs at 4 bits and others at 8.
+    setting = next(s for s in (quantized.random_setting(0, k) for k in range(100))
+                   if {s[c][0] for c in producer.values()} == {4, 8})
+    before = {name: {key: bn.running_mean.clone() for key, bn in m.copies.items()} for name, m in bns.items()}
+    quantized.apply(setting)
+    with torch.no_grad():
+        model(torch.from_numpy(mnist.feeds["image"][:16]).contiguous(memory_format=torch.channels_last))
+    for name, m in bns.items():
+        moved = {key for key, bn in m.copies.items() if not torch.equal(bn.running_mean, before[name][key])}
+        assert moved == {f"w{setting[producer[name]][0]}"}, name
+
+
+def test_the_budget_counts_iterations_on_any_proxy_size(mnist):
+    small = dataclasses.replace(mnist, feeds={"image": mnist.feeds["image"][:10]}, labels=mnist.labels[:10], iterations=12)
+    assert small.indicator_iterations() == 12 == dataclasses.replace(mnist, iterations=12).indicator_iterations()
+    result = train_indicators(small, regularize=False, gmpq=False)
+    assert result.optimizer_steps == 12  # 12 batches of all 10 samples, not one pass
+    # Where a caller asks for epochs, the budget is that many passes over the proxy.
+    assert dataclasses.replace(mnist, epochs=2).indicator_iterations() == 2 * SAMPLES // mnist.batch_size
+    assert dataclasses.replace(small, epochs=3).indicator_iterations() == 3
+
+
+def test_convergence_is_no_step_moving_over_a_tenth_of_the_budget():
+    start = torch.tensor([1.0, 2.0])
+    monitor = ConvergenceMonitor(100, start)  # a window of 10 iterations
+    steps = start.clone()
+    stopped = None
+    for iteration in range(1, 101):
+        if iteration <= 30:
+            steps = steps * torch.tensor([1.05, 1.0])  # the first step moves 5% an iteration, then settles
+        if monitor.update(iteration, steps):
+            stopped = iteration
+            break
+    # Iteration 40 is the first whose last 10 iterations moved no step: 31..40 all equal iteration 30.
+    assert stopped == 40 and monitor.record.converged and monitor.record.iteration == 40
+    assert [i for i, _ in monitor.record.movement] == [10, 20, 30, 40]
+    assert monitor.record.movement[0][1] == pytest.approx(1.05**10 - 1, rel=1e-5)  # float32 steps
+    assert monitor.record.movement[-1][1] == 0.0
+    # Almost settled is not settled: 1.5% over the window keeps training going.
+    drifting = ConvergenceMonitor(100, start)
+    assert not any(drifting.update(i, start * (1 + 0.0015 * i)) for i in range(1, 101))
+    # A budget under 100 iterations gives a window under 10: too short to judge, the budget runs out.
+    short = ConvergenceMonitor(50, start)
+    assert not any(short.update(i, start) for i in range(1, 51)) and not short.record.converged
+
+
+def test_fixed_ends_hold_the_first_and_last_layer_at_eight_bits(mnist):
+    context = dataclasses.replace(mnist, fixed_ends=True, iterations=4)
+    quantized = QuantizedCopy.create(context)
+    assert quantized.held == {"stem.conv": (8, 8), "fc": (8, 8)}
+    assert all(s["stem.conv"] == s["fc"] == (8, 8) for s in [*quantized.uniform_settings(), quantized.random_setting(0, 1)])
+    quantized.initialize_steps(measure_float_model(context, quantized, False, None).inputs)
+    model = quantized.model.train()
+    quantized.apply(quantized.uniform_settings()[-1])  # 4 bits everywhere else
+    stem_bn = model.get_submodule("stem.bn")
+    before = {key: bn.running_mean.clone() for key, bn in stem_bn.copies.items()}
+    with torch.no_grad():
+        model(torch.from_numpy(context.feeds["image"][:16]).contiguous(memory_format=torch.channels_last))
+    # One BatchNorm behind the held stem, whatever the others run at (LIMPQ's non-switchable bn1).
+    assert {k for k, bn in stem_bn.copies.items() if not torch.equal(bn.running_mean, before[k])} == {"shared"}
+    result = train_indicators(context, regularize=False, gmpq=False)
+    for layer in ("stem.conv", "fc"):
+        assert result.weight_steps[layer][4] == result.initial_weight_steps[layer][4]  # never trained
+        assert result.weight_steps[layer][8] != result.initial_weight_steps[layer][8]
+        reliable = [s for (la, p), s in result.scores.items() if not (la in quantized.held and p.startswith("w4"))]
+        assert result.scores[(layer, "w4a8")] == pytest.approx(PROHIBITIVE * max(reliable))
+        assert 0 < result.scores[(layer, "w8a8")] < max(reliable) * 10
+    assert result.scores[("fc", "w4a16")] == result.scores[("fc", "w4a8")]
+    assert result.weight_steps["block1.conv1"][4] != result.initial_weight_steps["block1.conv1"][4]
 
 
 def test_same_seed_gives_identical_scores_and_another_seed_close_ones(mnist, limpq):
