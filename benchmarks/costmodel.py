@@ -34,7 +34,7 @@ from mpqc.versions import provenance
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def run(model: str, policies: int, batch: int = 1) -> dict:
+def run(model: str, policies: int, batch: int = 1, force_fit: bool = False, method: str = "qerror") -> dict:
     target = load_target("ort-cpu")
     analysis = analyze(model)
     options = BuildOptions(model=model)
@@ -43,14 +43,14 @@ def run(model: str, policies: int, batch: int = 1) -> dict:
     feeds = {"calibration": calibration, "timing": timing}
 
     clock = time.perf_counter()
-    first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, force=True, progress=False)
+    first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, force=True, progress=False, force_fit=force_fit)
     first_s = time.perf_counter() - clock
     clock = time.perf_counter()
     again = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, progress=False)
     again_s = time.perf_counter() - clock
 
     result = validate(analysis, target, LatencyTable.for_target(target), calibration, timing, batch, options.calibration_settings(), policies=policies)
-    result["budget_builds"] = budget_builds(model, result, batch)
+    result["budget_builds"] = budget_builds(model, result, batch, method)
     result["profiling"] = {
         "first_run_s": first_s, "first_run_layers": first["layers"],
         "second_run_s": again_s, "second_run_layers": again["layers"],
@@ -62,14 +62,15 @@ def run(model: str, policies: int, batch: int = 1) -> dict:
     return result
 
 
-def budget_builds(model: str, result: dict, batch: int) -> list[dict]:
+def budget_builds(model: str, result: dict, batch: int, method: str) -> list[dict]:
     """Search builds at three latency budgets between the fastest uniform policy and FP32: is each met when measured?"""
     uniform = {r["policy"]: r["measured_ms"] for r in result["rows"] if r["policy"].startswith("uniform:")}
     fastest, slowest = min(uniform.values()), uniform["uniform:fp32"]
     builds = []
     for fraction in (0.25, 0.5, 0.75):
         budget = fastest + fraction * (slowest - fastest)
-        record = build(BuildOptions(model=model, policy="search", budget_ms=budget, batch=batch, runs=100, warmup=20), None).to_json()
+        record = build(BuildOptions(model=model, policy="search", method=method, budget_ms=budget, batch=batch, runs=100, warmup=20,
+                                    use_cache=False), None).to_json()
         search, fidelity = record["search"], record["measured"]["fidelity"]
         builds.append({
             "budget_ms": budget,
@@ -88,9 +89,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policies", type=int, default=30)
     parser.add_argument("--models", nargs="*", default=["efficientnet-lite0", "minilm"])
+    parser.add_argument("--force-fit", action="store_true", help="write the fit even on a machine too noisy for it (recorded)")
+    parser.add_argument("--method", default="qerror", help="sensitivity method of the budget builds")
     args = parser.parse_args()
     for model in args.models:
-        r = run(model, args.policies)
+        r = run(model, args.policies, force_fit=args.force_fit, method=args.method)
         for b in r["budget_builds"]:
             print(f"  budget {b['budget_ms']:.3f} ms: predicted {b['predicted_ms']:.3f}, measured {b['measured_ms']:.3f} "
                   f"({'met' if b['budget_met'] else 'missed by %.1f%%' % (100 * b['measured_over_budget'])}), {b['counts']}")
