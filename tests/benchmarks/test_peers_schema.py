@@ -1,0 +1,102 @@
+"""benchmarks/peers_ort_cpu.py: its result schema, its metrics and its plot, without running a peer."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RESULT = ROOT / "benchmarks" / "results" / "peers_ort_cpu.json"
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("peers_ort_cpu", ROOT / "benchmarks" / "peers_ort_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def point(method, fidelity=0.99, ms=5.0, speedup=1.5, **extra):
+    return {"method": method, "fidelity": fidelity, "median_ms": ms, "speedup_vs_fp32": speedup, "p90_ms": ms * 1.1} | extra
+
+
+def result(points):
+    return {"machine": {"cpu": "test CPU"}, "threads": "intra-op 2", "models": {"m": {"metric": "top1_agreement", "points": points}}}
+
+
+def every_method(peers):
+    return [point(m) for m in peers.METHODS] + [point("mpqc:front", 0.9, 3.0, 2.0)]
+
+
+def test_a_complete_result_fits_the_schema(peers):
+    assert peers.schema_problems(result(every_method(peers))) == []
+
+
+def test_a_failed_peer_keeps_its_point_with_an_error_and_null_numbers(peers):
+    points = every_method(peers)
+    points[3] = {"method": "inc:tuned", "error": "INC failed", "fidelity": None, "median_ms": None,
+                 "speedup_vs_fp32": None, "p90_ms": None}
+    assert peers.schema_problems(result(points)) == []
+    del points[3]["error"]
+    assert any("inc:tuned: fidelity is None" in p for p in peers.schema_problems(result(points)))
+
+
+def test_a_missing_method_an_unknown_method_or_a_non_number_is_named(peers):
+    problems = peers.schema_problems(result([point("fp32"), point("tflite"), point("ort:all", fidelity=float("nan"))]))
+    text = "\n".join(problems)
+    assert "no point for ort:conv-matmul, inc:tuned, mpqc:uniform:w8a8, mpqc:front" in text
+    assert "point 1: method must be one of" in text
+    assert "ort:all: fidelity is nan" in text
+    assert peers.schema_problems({"models": {}}) == ['"models" must be a non-empty object']
+
+
+def test_non_finite_numbers_become_null_so_the_file_is_strict_json(peers):
+    cleaned = peers._finite({"a": [1.0, float("inf")], "b": {"c": float("nan"), "d": "x"}})
+    assert cleaned == {"a": [1.0, None], "b": {"c": None, "d": "x"}}
+    json.dumps(cleaned, allow_nan=False)
+
+
+def test_text_mask_iou_pools_pixels_over_images(peers):
+    reference = np.zeros((2, 1, 4, 4), np.float32)
+    candidate = reference.copy()
+    assert peers.text_mask_iou(reference, candidate) == 1.0  # no text anywhere: they agree
+    reference[0, 0, :2] = 0.9  # 8 text pixels in image 0, none in image 1
+    candidate[0, 0, :1] = 0.9  # 4 of them found
+    candidate[1, 0, 0, 0] = 0.5  # and one false pixel in image 1
+    assert peers.text_mask_iou(reference, candidate) == pytest.approx(4 / 9)
+    assert peers.text_mask_iou(reference, reference + 0.05) == 1.0  # 0.05 stays under the 0.3 threshold
+
+
+def test_the_tuner_metrics_agree_with_mpqc_where_the_harness_uses_mpqc(peers):
+    from mpqc.bench.fidelity import output_agreement
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(16, 8))
+    candidate = reference + 0.3 * rng.normal(size=reference.shape)
+    assert peers.METRICS["cosine_mean"](reference, candidate) == pytest.approx(output_agreement(reference, candidate)["cosine_mean"])
+    assert peers.METRICS["top1_agreement"](reference, reference) == 1.0
+
+
+def test_the_plot_draws_a_panel_per_model_and_skips_failed_points(peers, tmp_path):
+    data = result(every_method(peers))
+    data["models"]["n"] = {"metric": "cosine_mean", "points": [point("fp32", 1.0, 4.0, 1.0),
+                                                                {"method": "ort:all", "error": "x", "fidelity": None,
+                                                                 "median_ms": None, "speedup_vs_fp32": None, "p90_ms": None}]}
+    peers.plot(data, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not RESULT.is_file(), reason="no committed benchmarks/results/peers_ort_cpu.json yet")
+def test_the_committed_result_fits_the_schema(peers):
+    data = json.loads(RESULT.read_text(), parse_constant=lambda name: math.nan)
+    assert peers.schema_problems(data) == []
+    assert set(data["models"]) <= set(peers.MODELS)
