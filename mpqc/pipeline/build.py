@@ -251,8 +251,11 @@ def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, 
     kept = undominated(points)
     summary = {"metric": FRONT_METRIC, "points": [p.to_json() | {"on_measured_front": p in kept} for p in points]}
     if front is not None:
-        deployable = [p for p in kept if p.policy is not None] or [p for p in points if p.source == "uniform:fp32"]
-        chosen = deployable[(len(deployable) - 1) // 2]
+        deployable = [p for p in kept if p.policy is not None]
+        # Where the FP32 model itself beats every lowered policy (a tiny model), build the most
+        # faithful policy, the all-fp32 one, whatever name it was measured under.
+        chosen = (deployable[(len(deployable) - 1) // 2] if deployable else
+                  max((p for p in points if p.policy is not None), key=lambda p: (p.fidelity, -p.median_ms)))
         why = f"the middle of the {len(kept)} measured points no other measured point beats on latency and {FRONT_METRIC}"
     else:
         chosen = next(p for p in points if p.source == "searched")

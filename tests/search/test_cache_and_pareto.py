@@ -142,7 +142,11 @@ def test_a_measured_pareto_build_measures_every_point_and_builds_one_nothing_bea
     assert all(u.as_dict in measured_layers for u in uniform_policies(analyze(spec), load_target("ort-cpu")))
     points = {p["source"]: p for p in summary["points"]}
     built = points[summary["built"]]
-    assert built["on_measured_front"] and built["layers"] == Policy.load(tmp_path / "m" / "policy.json")
+    # Built: a point of the measured front, or, where FP32 beats every policy, the most faithful policy.
+    front_policies = [p for p in summary["points"] if p["on_measured_front"] and p["layers"] is not None]
+    assert built in front_policies or (not front_policies and built["fidelity"] == max(p["fidelity"] for p in summary["points"]
+                                                                                      if p["layers"] is not None))
+    assert built["layers"] == Policy.load(tmp_path / "m" / "policy.json")
     for point in summary["points"]:
         assert point["on_measured_front"] == (not any(_beats(other, point) for other in summary["points"] if other is not point))
     front = json.loads((tmp_path / "m" / "pareto.json").read_text())
@@ -153,7 +157,7 @@ def test_a_measured_pareto_build_measures_every_point_and_builds_one_nothing_bea
 
 def test_a_budgeted_build_never_returns_a_policy_a_uniform_one_beats(profiled, tmp_path, capsys):
     spec, common = profiled
-    record, _ = _measured_search(capsys, spec, common, tmp_path / "b", "--budget-speedup", "1.0")
+    record, _ = _measured_search(capsys, spec, common, tmp_path / "b", "--budget-speedup", "0.8")
     summary = record["search"]["measured_points"]
     points = {p["source"]: p for p in summary["points"]}
     built = points[summary["built"]]
