@@ -157,7 +157,8 @@ def test_a_measured_pareto_build_measures_every_point_and_builds_one_nothing_bea
 
 def test_a_budgeted_build_never_returns_a_policy_a_uniform_one_beats(profiled, tmp_path, capsys):
     spec, common = profiled
-    record, _ = _measured_search(capsys, spec, common, tmp_path / "b", "--budget-speedup", "0.8")
+    # A loose budget (3.3x the FP32 time): on a tiny model the predicted times exceed the measured FP32 one.
+    record, _ = _measured_search(capsys, spec, common, tmp_path / "b", "--budget-speedup", "0.3")
     summary = record["search"]["measured_points"]
     points = {p["source"]: p for p in summary["points"]}
     built = points[summary["built"]]
