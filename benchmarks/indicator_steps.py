@@ -71,7 +71,23 @@ def main() -> int:
     proxies = {p.name: p for p in PROXIES[args.model](args.seed, args.full)}
     options = BuildOptions(model=args.model, seed=args.seed)
 
-    results, untrained = [], {}
+    out = args.out or RESULTS / f"indicator_steps_{args.model}.json"
+    record = {
+        "benchmark": "indicator_steps",
+        "model": args.model,
+        "method": args.method,
+        "fixed_ends": args.fixed_ends,
+        "proxies": {name: {"description": proxies[name].description,
+                           "samples": len(next(iter(proxies[name].feeds.values())))} for name in args.proxies},
+        "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
+        "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
+        else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
+        **provenance(),
+        "complete": False,  # true once every run asked for is in; a run cut short keeps what it measured
+        "results": [],
+    }
+    results, untrained = record["results"], {}
     for proxy_name in args.proxies:
         proxy = proxies[proxy_name]
         base = sensitivity_context(analysis, target, ir.to_proto(analysis.model), proxy.feeds, candidates, options,
@@ -82,7 +98,7 @@ def main() -> int:
             wall, cpu = time.perf_counter(), time.process_time()
             result = train_indicators(context, regularize=args.method == "seam", gmpq=False)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            row = {"proxy": proxy_name, "samples": base.sample_count, "iterations_budget": budget,
+            row = {"proxy": proxy_name, "samples": base.sample_count, "batch_size": base.batch_size, "iterations_budget": budget,
                    "iterations": result.optimizer_steps, "seconds": wall, "cpu_seconds": cpu,
                    "load_average_before": load[0], "load_average_after": os.getloadavg()[0],
                    "convergence": result.convergence.to_json(), "policies": []}
@@ -102,23 +118,9 @@ def main() -> int:
                 row["policies"].append(policy)
             results.append(row)
             _print(row)
-
-    record = {
-        "benchmark": "indicator_steps",
-        "model": args.model,
-        "method": args.method,
-        "fixed_ends": args.fixed_ends,
-        "proxies": {name: {"description": proxies[name].description,
-                           "samples": len(next(iter(proxies[name].feeds.values())))} for name in args.proxies},
-        "batch_size": base.batch_size,
-        "seed": args.seed,
-        "torch_threads": torch.get_num_threads(),
-        "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
-        else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
-        **provenance(),
-        "results": results,
-    }
-    out = write_atomically(args.out or RESULTS / f"indicator_steps_{args.model}.json", json.dumps(record, indent=1) + "\n")
+            write_atomically(out, json.dumps(record, indent=1) + "\n")  # after every run: a long one may be cut short
+    record["complete"] = True
+    write_atomically(out, json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -159,15 +159,18 @@ class IndicatorResult:
     initial_weight_steps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     initial_activation_steps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     convergence: Convergence | None = None
+    held_layers: tuple[str, ...] = ()  # layers trained at one fixed setting (fixed_ends): no indicators
 
     def step_summary(self) -> dict:
         """Per kind and bit-width: learned / initial over layers (min, median, max) and Spearman's rho
         between the learned and the initial steps' order over layers; and the same rho for the gap
         between each pair of adjacent weight bit-widths, s_w(lower) - s_w(higher), which is what
-        decides between them in the ILP."""
+        decides between them in the ILP. Held layers are left out: the ILP does not choose for them."""
         summary: dict = {}
+        held = set(self.held_layers)
         for kind, learned, initial in (("weight", self.weight_steps, self.initial_weight_steps),
                                        ("activation", self.activation_steps, self.initial_activation_steps)):
+            learned = {layer: steps for layer, steps in learned.items() if layer not in held}
             per_bits = {}
             for bits in sorted({b for steps in learned.values() for b in steps}):
                 layers = [layer for layer in learned if bits in learned[layer] and bits in initial.get(layer, {})]
@@ -186,7 +189,7 @@ class IndicatorResult:
         gaps = {}
         for low, high in zip(widths, widths[1:]):
             layers = [layer for layer, steps in self.weight_steps.items() if low in steps and high in steps
-                      and low in self.initial_weight_steps.get(layer, {})]
+                      and low in self.initial_weight_steps.get(layer, {}) and layer not in held]
             gaps[f"{low}-{high}"] = rank_correlation(
                 [self.weight_steps[layer][low] - self.weight_steps[layer][high] for layer in layers],
                 [self.initial_weight_steps[layer][low] - self.initial_weight_steps[layer][high] for layer in layers])
@@ -204,6 +207,7 @@ class IndicatorResult:
             "activation_rms": self.activation_rms,
             "step_summary": self.step_summary(),
             "convergence": None if self.convergence is None else self.convergence.to_json(),
+            "held_layers": list(self.held_layers),
             "seconds": self.seconds,
             "optimizer_steps": self.optimizer_steps,
             "rank_divergence": self.rank_divergence,
@@ -267,7 +271,7 @@ def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) 
     scores = scores_from_steps(context.candidates, weight_steps, activation_steps, held=quantized.held)
     return IndicatorResult(scores, weight_steps, activation_steps, weight_rms, activation_rms,
                            time.perf_counter() - clock, iterations, divergence, initial_weight, initial_activation,
-                           monitor.record)
+                           monitor.record, tuple(quantized.held))
 
 
 def scores_from_steps(

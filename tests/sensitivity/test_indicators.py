@@ -362,6 +362,9 @@ def test_fixed_ends_hold_the_first_and_last_layer_at_eight_bits(mnist):
         assert 0 < result.scores[(layer, "w8a8")] < max(reliable) * 10
     assert result.scores[("fc", "w4a16")] == result.scores[("fc", "w4a8")]
     assert result.weight_steps["block1.conv1"][4] != result.initial_weight_steps["block1.conv1"][4]
+    # The ILP does not choose for held layers, so their steps are no indicators to summarise.
+    assert result.held_layers == ("stem.conv", "fc")
+    assert result.step_summary()["weight"]["4"]["layers"] == len(result.weight_steps) - 2
 
 
 def test_same_seed_gives_identical_scores_and_another_seed_close_ones(mnist, limpq):
