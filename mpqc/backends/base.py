@@ -24,6 +24,7 @@ class Runner(abc.ABC):
     """One loaded model: run feeds -> outputs, checked inputs; timed runs through measure_latency."""
 
     threads: int = 0  # intra-op threads of a CPU runtime, 0 where the device runs it
+    fixed_batch: int | None = None  # a model whose batch dimension is fixed runs that many samples at a time
 
     @abc.abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -32,6 +33,7 @@ class Runner(abc.ABC):
     def run_batched(self, feeds: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
         """The first output over all samples, run in batches (evaluation sets do not fit one run)."""
         count = len(next(iter(feeds.values())))
+        batch_size = self.fixed_batch or batch_size
         chunks = [
             self.run({name: array[start : start + batch_size] for name, array in feeds.items()})[0]
             for start in range(0, count, batch_size)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from mpqc.errors import MpqcError
 from mpqc.frontend.resolve import LoadedModel, resolve_model
+from mpqc.frontend.shapes import symbolic_inputs, with_input_shapes
 from mpqc.frontend.torch_export import module_map
 from mpqc.passes.layers import Layer, find_layers
 from mpqc.passes.pipeline import canonicalize
@@ -54,3 +55,20 @@ def analyze_loaded(loaded: LoadedModel) -> Analysis:
     if not layers:
         raise MpqcError(f"model '{spec}' has no quantizable layers (Conv, Gemm or MatMul with a constant weight)")
     return Analysis(loaded, model, layers, tie_groups(layers))
+
+
+def at_data_sizes(analysis: Analysis, arrays: dict) -> Analysis:
+    """The analysis with the sizes the model leaves open (besides the batch) fixed from `arrays`:
+    latency is measured and keyed at real sizes, so `mpqc profile` and a latency search on the same
+    data see the same layers. The model itself stays open; only its costs are looked up this way."""
+    open_inputs = symbolic_inputs(analysis.loaded.model)
+    fixed = {name: tuple(array.shape) for name, array in arrays.items() if name in open_inputs}
+    if not fixed:
+        return analysis
+    loaded = dataclasses.replace(analysis.loaded, model=with_input_shapes(analysis.loaded.model, fixed, analysis.loaded.spec))
+    sized = analyze_loaded(loaded)
+    if [layer.name for layer in sized.layers] != [layer.name for layer in analysis.layers]:
+        sizes = ", ".join(f"{name}: " + "x".join(map(str, shape)) for name, shape in fixed.items())
+        raise MpqcError(f"'{analysis.loaded.spec}' has other layers once its open input sizes are fixed from the data "
+                        f"({sizes}); export it with fixed sizes and build that")
+    return sized

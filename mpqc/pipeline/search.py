@@ -13,7 +13,7 @@ from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.table import LatencyTable
 from mpqc.data.feeds import feeds_sha256
 from mpqc.errors import MpqcError
-from mpqc.passes.analysis import Analysis
+from mpqc.passes.analysis import Analysis, at_data_sizes
 from mpqc.passes.signatures import layer_signature
 from mpqc.pipeline.options import BuildOptions
 from mpqc.search import cache
@@ -53,11 +53,12 @@ def prepare_search(analysis: Analysis, target: Target, float_model, feeds, optio
         raise MpqcError("--policy search needs a budget: --budget-ms, --budget-bitops or --budget-bytes (or --pareto)")
     layers = analysis.layers
     candidates = candidates_of(analysis, target, options.evaluate_only)
+    costed = at_data_sizes(analysis, feeds)  # costs at the proxy's sizes, as `mpqc profile` measured them
     latency = None
     if budgets.ms is not None or options.pareto == "ms":
-        latency = latency_model(analysis, target, LatencyTable.for_target(target, options.tables), options.batch)
+        latency = latency_model(costed, target, LatencyTable.for_target(target, options.tables), options.batch)
     costs = {
-        (layer.name, p): bitops_and_size(layer_signature(analysis.model, layer), p)
+        (layer.name, p): bitops_and_size(layer_signature(costed.model, layer), p)
         for layer in layers for p in candidates[layer.name]
     }
     unscored = SearchProblem(
