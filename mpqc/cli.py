@@ -229,7 +229,7 @@ def cmd_validate(args) -> dict:
         f"{args.model} on {result['target']}, batch {args.batch}, {result['policies']} policies: "
         f"{p['within_10pct']:.0%} within ±10% ({p['within_5pct']:.0%} within ±5%), Kendall tau {p['kendall_tau']:.3f}, "
         f"Spearman {p['spearman_rho']:.3f}; BitOps tau {b['kendall_tau']:.3f}; "
-        f"noise floor (spread of one policy's round medians) {result['noise_floor']['noise_floor']:.1%} over "
+        f"noise floor (even vs odd rounds' medians) {result['noise_floor']['noise_floor']:.1%} over "
         f"{result['noise_floor']['rounds']} interleaved rounds, "
         f"repeat-measurement tau {result['noise_floor']['repeat_agreement']['kendall_tau']:.3f}\n"
         + "".join(f"  FLAGGED: {problem}\n" for problem in result["flagged"])

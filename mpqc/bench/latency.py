@@ -81,8 +81,17 @@ class InterleavedTimes:
 
     @property
     def noise_floor(self) -> float:
-        """How much one runner's round medians disagree, relative to its median: the median over
-        runners of (max - min) / median. No latency predictor can be judged more finely."""
+        """How far the number a predictor is judged on (a runner's median of rounds) moves when it
+        is measured again: the median over runners of |median(even rounds) - median(odd rounds)| /
+        median(all rounds). One slow round on a shared machine moves it little, a machine whose
+        speed wanders moves it a lot. No latency predictor can be judged more finely."""
+        splits = [abs(float(np.median(r[0::2])) - float(np.median(r[1::2]))) / float(np.median(r))
+                  for r in self.round_medians_ms if len(r) >= 2 and np.median(r) > 0]
+        return float(np.median(splits)) if splits else 0.0
+
+    @property
+    def round_spread(self) -> float:
+        """The median over runners of (max - min) / median of its round medians: how much one round says."""
         spreads = [(max(r) - min(r)) / float(np.median(r)) for r in self.round_medians_ms if np.median(r) > 0]
         return float(np.median(spreads)) if spreads else 0.0
 

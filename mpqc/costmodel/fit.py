@@ -129,7 +129,7 @@ def fit_boundaries(analysis, target, terms, policies: list[Policy], batch: int, 
     """Edge-kind coefficients and the overhead from whole-model latencies (`measured_ms`, one per
     policy, end to end on the target's runtime: an ONNX Runtime session, a TensorRT engine).
 
-    `noise_floor` is the relative spread of repeated medians (None: not measured). Refused with one
+    `noise_floor` is how far a median of rounds moves when measured again (InterleavedTimes.noise_floor; None: not measured). Refused with one
     line, unless `force`, when the machine is too noisy or the fit does not explain the measurements.
     """
     edges = layer_edges(analysis.model, analysis.layers)
@@ -167,7 +167,7 @@ def fit_boundaries(analysis, target, terms, policies: list[Policy], batch: int, 
 
 def _unsupported(relative_rms: float, noise_floor: float | None) -> str | None:
     if noise_floor is not None and noise_floor > TOO_NOISY:
-        return (f"this machine is too noisy to fit a latency model: repeated medians of one model differ by "
+        return (f"this machine is too noisy to fit a latency model: the medians of even and odd rounds of one model differ by "
                 f"{noise_floor:.0%} (more than {TOO_NOISY:.0%})")
     tolerance = max(noise_floor or 0.0, FIT_TOLERANCE)
     if relative_rms > tolerance:

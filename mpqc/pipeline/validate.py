@@ -89,6 +89,8 @@ def validate(
         "rounds": int(rounds.shape[1]),
         "stable": times.stable,
         "noise_floor": times.noise_floor,
+        "noise_floor_definition": "median over policies of |median(even rounds) - median(odd rounds)| / median",
+        "median_round_spread": times.round_spread,
         "per_policy_relative_range": spreads,
         "max_relative_range": max(spreads.values()),
         "repeat_agreement": _agreement(np.array([r["measured_odd_rounds_ms"] for r in rows]),
@@ -99,7 +101,7 @@ def validate(
     below = [r["policy"] for r in rows if r["predicted_ms"] < fastest_uniform * (1 - max(times.noise_floor, 0.05))]
     problems = []
     if times.noise_floor > TOO_NOISY:
-        problems.append(f"the machine was too noisy: repeated medians differ by {times.noise_floor:.0%} (over {TOO_NOISY:.0%}); "
+        problems.append(f"the machine was too noisy: the medians of even and odd rounds differ by {times.noise_floor:.0%} (over {TOO_NOISY:.0%}); "
                         "these numbers judge the machine, not the cost model")
     if below:
         problems.append(f"{len(below)} predictions fall below the fastest uniform policy's measured {fastest_uniform:.3f} ms")

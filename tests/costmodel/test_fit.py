@@ -53,7 +53,7 @@ def test_a_fit_recovers_physical_boundaries_and_keeps_their_signs(problem):
 def test_a_noisy_machine_is_refused_unless_forced(problem):
     analysis, target, terms, policies = problem
     measured = _measurements(analysis, target, terms, policies, np.array([0, 0.02, 0.015, -0.01, 0, 0, 0, 0, 0.05]))
-    with pytest.raises(MpqcError, match="too noisy to fit a latency model: repeated medians of one model differ by 40%"):
+    with pytest.raises(MpqcError, match="too noisy to fit a latency model: the medians of even and odd rounds of one model differ by 40%"):
         fit_boundaries(analysis, target, terms, policies, 1, measured, noise_floor=0.4)
     forced = fit_boundaries(analysis, target, terms, policies, 1, measured, noise_floor=0.4, force=True)
     assert "too noisy" in forced["forced"]
