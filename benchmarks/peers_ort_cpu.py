@@ -11,8 +11,10 @@ same calibration data:
   script creates on first use under benchmarks/.peers-venv/ (INC's ONNX adaptor needs onnx 1.16);
   it tunes on the calibration set unless --inc-tune-on heldout;
 - `mpqc:uniform:w8a8`: `mpqc build MODEL --target ort-cpu --policy uniform:w8a8`;
-- `mpqc:front`: `mpqc build MODEL --target ort-cpu --policy search --pareto ms`, then `mpqc export`
-  of every policy of its pareto.json (`mpqc profile` first where the build asks for it).
+- `mpqc:front`: `mpqc build MODEL --target ort-cpu --policy search --pareto ms` (`mpqc profile`
+  first where the build asks for it), which measures its searched points beside FP32 and the
+  uniform policies and keeps the ones no other measured point beats; then `mpqc export` of every
+  policy on that measured front (the dropped ones are listed with the build's numbers).
 
 mpqc runs as its command-line program, as users run it. Then one harness loads FP32 and every
 model into ONNX Runtime sessions with the ort-cpu target's settings and times them at batch 1 in
@@ -44,6 +46,7 @@ output is measured by this run.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -344,10 +347,10 @@ def mpqc(args: list[str], log: pathlib.Path, timeout_s: int) -> tuple[int, str]:
 
 
 def mpqc_build(case: Case, policy: list[str], out: pathlib.Path, tables: pathlib.Path, timeout_s: int, log_lines: list[str],
-               profile_extra: tuple[str, ...] = ()) -> dict:
+               profile_extra: tuple[str, ...] = (), measure: bool = False) -> dict:
     """`mpqc build`, after `mpqc profile` when the build says the latency table lacks this model."""
     args = ["build", case.spec, "--target", "ort-cpu", *policy, "--out", str(out), "--tables", str(tables),
-            "--no-measure", *case.mpqc_args]
+            *([] if measure else ["--no-measure"]), *case.mpqc_args]
     record: dict = {}
     start = time.perf_counter()
     rc, error = mpqc(args, out.with_name(out.name + ".build.log"), timeout_s)
@@ -369,26 +372,30 @@ def mpqc_build(case: Case, policy: list[str], out: pathlib.Path, tables: pathlib
 
 def mpqc_front(case: Case, folder: pathlib.Path, tables: pathlib.Path, timeout_s: int, log_lines: list[str],
                profile_extra: tuple[str, ...] = ()) -> list[dict]:
-    """One point per distinct policy of the searched front, each exported to its own model."""
+    """One point per policy on the front mpqc's build measured (its searched points, FP32 and the
+    uniform policies, timed interleaved; the points another measured point beats are dropped), each
+    exported to its own model. The dropped ones are listed, not timed again."""
     build_dir = folder / "search"
-    record = mpqc_build(case, ["--policy", "search", "--pareto", "ms"], build_dir, tables, timeout_s, log_lines, profile_extra)
+    record = mpqc_build(case, ["--policy", "search", "--pareto", "ms"], build_dir, tables, timeout_s, log_lines, profile_extra,
+                        measure=True)
     if "error" in record:
         return [{"method": "mpqc:front"} | record]
     front = json.loads((build_dir / "pareto.json").read_text())
-    built = front.get("built_point")
-    points, seen = [], {}
-    for index, point in enumerate(front["points"]):
-        key = json.dumps(point["assignments"], sort_keys=True)
-        entry = {"method": "mpqc:front", "policy": index, "predicted_ms": point["cost"], "objective": point["objective"],
-                 "counts": point["counts"], "budget_ms": point["budget"]}
-        if key in seen:  # the same policy as an earlier point: one model, listed once
-            seen[key]["same_policy_as"].append(index)
-            continue
-        entry["same_policy_as"] = []
-        seen[key] = entry
+    measured = front.get("measured")
+    if measured is None:
+        return [{"method": "mpqc:front", "error": "the --pareto build wrote no measured points"} | record]
+    on_front = [m for m in measured["points"] if m["on_measured_front"] and m["layers"] is not None]
+    dropped = [{key: m[key] for key in ("source", "predicted_ms", "measured_ms", "fidelity")}
+               for m in measured["points"] if not m["on_measured_front"]]
+    points = []
+    for index, chosen in enumerate(on_front):
+        entry = {"method": "mpqc:front", "source": chosen["source"], "predicted_ms": chosen["predicted_ms"],
+                 "build_measured_ms": chosen["measured_ms"], "build_fidelity": chosen["fidelity"],
+                 "build_fidelity_metric": measured["metric"], "counts": _counts(chosen["layers"]),
+                 "built_point": chosen["source"] == measured["built"]}
         policy = folder / f"policy-{index:02d}.json"
-        policy.write_text(json.dumps({"format": "mpqc.policy/1", "source": f"pareto.json point {index}",
-                                      "layers": point["assignments"]}, indent=1) + "\n")
+        policy.write_text(json.dumps({"format": "mpqc.policy/1", "source": f"pareto.json measured {chosen['source']}",
+                                      "layers": chosen["layers"]}, indent=1) + "\n")
         out = folder / f"point-{index:02d}"
         args = ["export", case.spec, "--target", "ort-cpu", "--policy", str(policy), "--out", str(out), "--no-measure",
                 *case.mpqc_args]
@@ -400,12 +407,20 @@ def mpqc_front(case: Case, folder: pathlib.Path, tables: pathlib.Path, timeout_s
             entry["error"] = f"mpqc export: {error}"
         else:
             entry["model"] = out / "model.qdq.onnx"
-            if index == built:
-                entry["built_point"] = True
+            if entry["built_point"]:
                 entry["same_bytes_as_build"] = (out / "model.qdq.onnx").read_bytes() == (build_dir / "model.qdq.onnx").read_bytes()
         points.append(entry)
-    points[0] |= {"search_build_s": record["build_s"]} | ({"profile_s": record["profile_s"]} if "profile_s" in record else {})
+    if not points:
+        return [{"method": "mpqc:front", "error": "no lowered policy is on the build's measured front (FP32 beat them all)",
+                 "dropped_by_measurement": dropped} | record]
+    points[0] |= {"search_build_s": record["build_s"], "dropped_by_measurement": dropped,
+                  "predicted_front_points": len(front["points"])}
+    points[0] |= {"profile_s": record["profile_s"]} if "profile_s" in record else {}
     return points
+
+
+def _counts(layers: dict[str, str]) -> dict[str, int]:
+    return dict(sorted(collections.Counter(layers.values()).items()))
 
 
 def seed_tables(tables: pathlib.Path, fresh: bool) -> None:
@@ -657,8 +672,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
         model = result["models"][name]
         ok = [p for p in model["points"] if p.get("fidelity") is not None and p.get("speedup_vs_fp32") is not None]
         failed = sorted({p["method"] for p in model["points"] if p not in ok})
-        # In the front's own order, from its fastest predicted policy to its least-loss one.
-        front = sorted((p for p in ok if p["method"] == "mpqc:front"), key=lambda p: p.get("policy", 0))
+        front = sorted((p for p in ok if p["method"] == "mpqc:front"), key=lambda p: p["speedup_vs_fp32"])
         if front:
             ax.plot([p["speedup_vs_fp32"] for p in front], [p["fidelity"] for p in front], "-o", color="tab:blue",
                     markersize=4, label="mpqc:front")
@@ -696,6 +710,8 @@ def main() -> int:
                         help=f"give every method the detector with height and width pinned at {OCR_SIZE} instead of open, as shipped")
     parser.add_argument("--work", help="keep the models and logs in this folder (default: a temporary one)")
     parser.add_argument("--out-json", default=str(RESULTS / "peers_ort_cpu.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models of an existing --out-json (each model records its own run's date and load)")
     args = parser.parse_args()
 
     import onnxruntime
@@ -727,8 +743,16 @@ def main() -> int:
     }
     out = pathlib.Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.update and out.is_file():
+        result["models"] = {name: model for name, model in json.loads(out.read_text())["models"].items()
+                            if name not in args.models}
     for name in args.models:
-        result["models"][name] = run_model(name, args, work, tables)
+        load_before = os.getloadavg()
+        model_start = time.perf_counter()
+        result["models"][name] = run_model(name, args, work, tables) | {
+            "run": {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.perf_counter() - model_start,
+                    "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
+                    "rounds": args.rounds, "runs_per_round": args.runs}}
         result["seconds"] = time.perf_counter() - start
         # Paths as WORK/... and ./benchmarks/...: the result names no folder of this machine.
         portable = _finite(result, {str(work): "WORK", str(HERE.parent): "."})
