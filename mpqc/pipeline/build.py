@@ -232,6 +232,11 @@ def _meet_latency_budget(problem, policy, search, lowering, loaded, feeds, budge
     return policy, search
 
 
+# The latency margin of the measured front's dominance: the noise floor, capped so that a noisy
+# machine cannot empty the front down to FP32 (such a machine is flagged by profile and validate).
+MAX_MARGIN = 0.10
+
+
 def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, options, metric):
     """Measure the searched policies (each point of a front, or the budgeted choice) beside FP32 and
     every uniform policy, and return what to build: a front's middle measured point, or the budgeted
@@ -247,19 +252,22 @@ def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, 
         if candidate.assignments not in seen:  # a front point that is a uniform policy is measured once
             seen.add(candidate.assignments)
             candidates.append((source, candidate, predicted))
-    points = measure_points(lowering, analysis.loaded, feeds, candidates, options.batch, metric)
-    kept = undominated(points)
-    summary = {"metric": FRONT_METRIC, "points": [p.to_json() | {"on_measured_front": p in kept} for p in points]}
+    points, noise_floor = measure_points(lowering, analysis.loaded, feeds, candidates, options.batch, metric)
+    margin = min(noise_floor, MAX_MARGIN)
+    kept = undominated(points, margin)
+    summary = {"metric": FRONT_METRIC, "noise_floor": noise_floor, "latency_margin": margin,
+               "points": [p.to_json() | {"on_measured_front": p in kept} for p in points]}
     if front is not None:
         deployable = [p for p in kept if p.policy is not None]
         # Where the FP32 model itself beats every lowered policy (a tiny model), build the most
         # faithful policy, the all-fp32 one, whatever name it was measured under.
         chosen = (deployable[(len(deployable) - 1) // 2] if deployable else
                   max((p for p in points if p.policy is not None), key=lambda p: (p.fidelity, -p.median_ms)))
-        why = f"the middle of the {len(kept)} measured points no other measured point beats on latency and {FRONT_METRIC}"
+        why = (f"the middle of the {len(kept)} measured points no other measured point beats on latency (up to the "
+               f"{margin:.1%} noise floor) and {FRONT_METRIC}")
     else:
         chosen = next(p for p in points if p.source == "searched")
-        better = [p for p in points if p.source.startswith("uniform:") and p.beats(chosen)]
+        better = [p for p in points if p.source.startswith("uniform:") and p.beats(chosen, margin)]
         why = "the searched policy: no uniform policy beats it on both measured latency and " + FRONT_METRIC
         if better:
             best = max(better, key=lambda p: (p.fidelity, -p.median_ms))

@@ -1,7 +1,7 @@
 """Measured points: policies lowered, timed in interleaved rounds beside FP32, scored on held-out data.
 
 A searched front is a prediction. What a build returns is chosen among measured points, and a
-point that another measured point beats on both latency and fidelity is dropped: the uniform
+point that another measured point beats on both latency (up to the noise floor) and fidelity is dropped: the uniform
 policies and FP32 are always measured beside the searched ones, so a build never returns a
 mixed policy that a uniform one beats.
 """
@@ -31,9 +31,11 @@ class MeasuredPoint:
     fidelity: float  # FRONT_METRIC
     fidelity_all: dict
 
-    def beats(self, other: "MeasuredPoint") -> bool:
-        """At least as fast and as faithful, and strictly better in one of the two."""
-        return (self.median_ms <= other.median_ms and self.fidelity >= other.fidelity
+    def beats(self, other: "MeasuredPoint", margin: float = 0.0) -> bool:
+        """At least as faithful, and as fast up to `margin` (relative: the noise floor of the
+        measurement), and strictly better in one of the two. A point no faster than another beyond
+        the noise buys nothing with the fidelity it gives up."""
+        return (self.median_ms <= other.median_ms * (1 + margin) and self.fidelity >= other.fidelity
                 and (self.median_ms < other.median_ms or self.fidelity > other.fidelity))
 
     def to_json(self) -> dict:
@@ -44,8 +46,9 @@ class MeasuredPoint:
 
 
 def measure_points(lowering: Lowering, loaded, feeds, candidates: list[tuple[str, Policy, float | None]], batch: int,
-                   metric=None) -> list[MeasuredPoint]:
-    """FP32 first, then each (source, policy, predicted ms) of `candidates`, all timed in the same rounds."""
+                   metric=None) -> tuple[list[MeasuredPoint], float]:
+    """FP32 first, then each (source, policy, predicted ms) of `candidates`, all timed in the same
+    rounds; and the noise floor of those rounds (mpqc.bench.latency.InterleavedTimes.noise_floor)."""
     target = lowering.target
     backend = backend_for(target)
     eval_feeds, labels, data = evaluation_data(loaded, feeds)
@@ -62,10 +65,13 @@ def measure_points(lowering: Lowering, loaded, feeds, candidates: list[tuple[str
     return [
         MeasuredPoint(source, policy, predicted, float(median), rounds, float(fidelity[FRONT_METRIC]), fidelity)
         for (source, policy, predicted), median, rounds, fidelity in zip(sources, times.medians_ms, times.round_medians_ms, fidelities)
-    ]
+    ], times.noise_floor
 
 
-def undominated(points: list[MeasuredPoint]) -> list[MeasuredPoint]:
-    """The measured front: every point no other measured point beats, fastest first."""
-    kept = [p for p in points if not any(other.beats(p) for other in points if other is not p)]
+def undominated(points: list[MeasuredPoint], margin: float = 0.0) -> list[MeasuredPoint]:
+    """The measured front: every point no other measured point beats (as fast up to `margin`),
+    fastest first. With the noise floor as the margin, a point stays only where it is faster than
+    every more faithful one by more than the measurement can blur, so it stays on the front when
+    measured again (FP32 is the most faithful point: anything kept is clearly faster than it)."""
+    kept = [p for p in points if not any(other.beats(p, margin) for other in points if other is not p)]
     return sorted(kept, key=lambda p: (p.median_ms, -p.fidelity))
