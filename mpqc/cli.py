@@ -28,6 +28,7 @@ def _build_options(args, policy: str):
         evaluate_only=args.evaluate_only,
         bias_correction=not args.no_bias_correction,
         method=args.method,
+        iterations=args.iterations,
         epochs=args.epochs,
         gmpq=args.gmpq,
         budget_ms=args.budget_ms,
@@ -244,7 +245,8 @@ def cmd_search_validate(args) -> dict:
 
     out = pathlib.Path(args.out).resolve()
     options = BuildOptions(model=args.model, target=args.target, policy="search", proxy=args.proxy, proxy_limit=args.proxy_limit,
-                           seed=args.seed, epochs=args.epochs, gmpq=args.gmpq, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+                           seed=args.seed, iterations=args.iterations, epochs=args.epochs, gmpq=args.gmpq,
+                           cache_dir=args.cache_dir, use_cache=not args.no_cache)
     result = validate_search_to_folder(options, list(dict.fromkeys(args.method)), out, policies=args.policies,
                                        bootstrap=args.bootstrap)
     lines = [f"{args.model} on {result['target']}: {result['random_policies']} random policies, fidelity "
@@ -280,11 +282,13 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
     parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
-    from mpqc.sensitivity.methods import METHODS
+    from mpqc.sensitivity.methods import INDICATOR_ITERATIONS, METHODS
 
     parser.add_argument("--method", choices=list(METHODS),
                         help="sensitivity for --policy search (default: seam for torch classifiers, else qerror)")
-    parser.add_argument("--epochs", type=_int_range(0, 10_000), default=3, help="indicator training passes over the proxy data (seam, limpq)")
+    parser.add_argument("--iterations", type=_int_range(0, 1_000_000),
+                        help=f"indicator training iterations (seam, limpq; default {INDICATOR_ITERATIONS}, whatever the proxy's size)")
+    parser.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes over the proxy data instead of --iterations")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     parser.add_argument("--budget-ms", type=_float_range(0.0, 1e9, low_open=True), help="latency budget on the target, from its measured table")
     parser.add_argument("--budget-speedup", type=_float_range(0.0, 1000.0, low_open=True),
@@ -442,14 +446,16 @@ def make_parser() -> argparse.ArgumentParser:
     search_validate.add_argument("--out", required=True, help="folder for search_validation.json")
     search_validate.add_argument("--proxy", help="proxy data .npz keyed by input name (bundled examples bring their own)")
     search_validate.add_argument("--proxy-limit", type=_int_range(1, 10**9), help="use only the first N proxy samples")
-    from mpqc.sensitivity.methods import METHODS
+    from mpqc.sensitivity.methods import INDICATOR_ITERATIONS, METHODS
 
     search_validate.add_argument("--method", action="append", choices=list(METHODS), required=True,
                                  help="a method to validate; repeat it to validate several on the same random policies")
     search_validate.add_argument("--policies", type=_int_range(2, 100_000), default=100, help="random policies measured")
     search_validate.add_argument("--bootstrap", type=_int_range(10, 100_000), default=1000, help="bootstrap resamples for the intervals")
     search_validate.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
-    search_validate.add_argument("--epochs", type=_int_range(0, 10_000), default=3, help="indicator training passes (seam, limpq)")
+    search_validate.add_argument("--iterations", type=_int_range(0, 1_000_000),
+                                 help=f"indicator training iterations (seam, limpq; default {INDICATOR_ITERATIONS})")
+    search_validate.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes instead of --iterations")
     search_validate.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     search_validate.add_argument("--cache-dir", help="sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")
     search_validate.add_argument("--no-cache", action="store_true", help="score layers afresh and write nothing to the cache")

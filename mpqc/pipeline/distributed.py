@@ -1,7 +1,7 @@
 """`torchrun ... -m mpqc.pipeline.distributed`: limpq/seam indicator training across processes.
 
     torchrun --standalone --nproc-per-node 2 -m mpqc.pipeline.distributed mnist-cnn \\
-        --method seam --samples 512 --epochs 3 --out scores.json
+        --method seam --samples 512 --iterations 300 --out scores.json
 
 (`python -m torch.distributed.run` is the same launcher.) Without torchrun (WORLD_SIZE unset or 1)
 the same command trains in one process. Rank 0 writes the scores, the raw learned steps and the
@@ -52,7 +52,7 @@ def build_context(args: argparse.Namespace):
     analysis = analyze(args.model)
     target = load_target(args.target)
     options = BuildOptions(model=args.model, proxy=args.proxy, proxy_limit=args.samples, seed=args.seed,
-                           epochs=args.epochs, gmpq=args.gmpq, evaluate_only=args.evaluate_only)
+                           iterations=args.iterations, epochs=args.epochs, gmpq=args.gmpq, evaluate_only=args.evaluate_only)
     feeds, _ = proxy_feeds(options.proxy_source(), analysis.loaded)
     candidates = candidates_of(analysis, target, args.evaluate_only)
     labels = proxy_labels(options.proxy_source(), analysis.loaded, len(next(iter(feeds.values()))))
@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="ort-cpu")
     parser.add_argument("--proxy", help=".npz of proxy inputs keyed by input name (bundled examples bring their own)")
     parser.add_argument("--samples", type=int, help="use the first N proxy samples")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--iterations", type=int, help="training iterations (default: as mpqc build)")
+    parser.add_argument("--epochs", type=int, help="passes over the proxy data instead of --iterations")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step over all processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gmpq", action="store_true", help="add the Grad-CAM attribution-imitation term")

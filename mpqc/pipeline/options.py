@@ -14,7 +14,7 @@ from mpqc.lower.lowering import CalibrationSettings
 from mpqc.search.problem import Budgets
 
 # Options only `--policy search` reads, with the flag that sets each (for the error that names it).
-SEARCH_ONLY = {"method": "--method", "epochs": "--epochs", "gmpq": "--gmpq", "budget_ms": "--budget-ms",
+SEARCH_ONLY = {"method": "--method", "iterations": "--iterations", "epochs": "--epochs", "gmpq": "--gmpq", "budget_ms": "--budget-ms",
                "budget_speedup": "--budget-speedup", "budget_bitops": "--budget-bitops",
                "budget_bytes": "--budget-bytes", "pareto": "--pareto"}
 
@@ -33,7 +33,10 @@ class BuildOptions:
     bias_correction: bool = True
     # --policy search: the ILP chooses per layer under these budgets (any combination).
     method: str | None = None  # sensitivity method; None: seam for torch classifiers, else qerror
-    epochs: int = 3  # indicator training passes over the proxy data (limpq, seam)
+    # Indicator training (limpq, seam): an iteration budget (None: INDICATOR_ITERATIONS), or passes
+    # over the proxy data where `epochs` is given instead.
+    iterations: int | None = None
+    epochs: int | None = None
     gmpq: bool = False  # add the attribution-imitation term to indicator training
     budget_ms: float | None = None
     budget_speedup: float | None = None  # a latency budget of the measured FP32 latency / this
@@ -64,6 +67,8 @@ class BuildOptions:
             raise MpqcError("--budget-speedup sets the latency budget itself: drop --budget-ms (or --pareto ms)")
         if self.budget_speedup is not None and not self.measure:
             raise MpqcError("--budget-speedup is relative to the FP32 latency measured on this machine: drop --no-measure")
+        if self.iterations is not None and self.epochs is not None:
+            raise MpqcError("--iterations and --epochs both set how long indicators train: give one")
         if self.searches:
             return
         given = self.search_only_flags_given()

@@ -19,7 +19,7 @@ from mpqc.pipeline.options import BuildOptions
 from mpqc.search import cache
 from mpqc.search.problem import PARETO_RESOURCES, SearchProblem
 from mpqc.sensitivity.context import SensitivityContext, settings_of
-from mpqc.sensitivity.methods import DEFAULT_METHOD, check_method, score_layers
+from mpqc.sensitivity.methods import DEFAULT_METHOD, INDICATOR_ITERATIONS, Scored, check_method, scored_layers
 from mpqc.targets import Target
 
 
@@ -78,8 +78,8 @@ def prepare_search(analysis: Analysis, target: Target, float_model, feeds, optio
     context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels)
     cache_dir = None if not options.use_cache else (
         pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir())
-    loss, cached = cached_scores(analysis, context, method, cache_dir)
-    return dataclasses.replace(unscored, loss=loss, scores_cached=cached)
+    scored, cached = cached_scores(analysis, context, method, cache_dir)
+    return dataclasses.replace(unscored, loss=scored.scores, scores_cached=cached, scoring=scored.details)
 
 
 def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, candidates, options: BuildOptions,
@@ -92,20 +92,22 @@ def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, 
         # Bundled examples say what their output is; other models are taken for classifiers.
         classifier=getattr(example, "CLASSIFIER", True),
         seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
+        iterations=INDICATOR_ITERATIONS if options.iterations is None else options.iterations,
     )
 
 
 def cached_scores(analysis: Analysis, context: SensitivityContext, method: str,
-                  cache_dir: pathlib.Path | None) -> tuple[dict, bool]:
-    """The sensitivity scores, from the cache when an earlier build scored the same inputs
-    (None: no cache). The key holds every setting of the context, so none can be left out."""
+                  cache_dir: pathlib.Path | None) -> tuple[Scored, bool]:
+    """The sensitivity scores (with the method's record of them), from the cache when an earlier
+    build scored the same inputs (None: no cache). The key holds every setting of the context, so
+    none can be left out."""
     if cache_dir is None:
-        return score_layers(method, context), False
+        return scored_layers(method, context), False
     key = cache.score_key(analysis.loaded.sha256(), feeds_sha256(context.feeds), method, context.seed, context.target,
                           context.candidates, settings_of(context))
-    scores = cache.load_scores(cache_dir, key, context.candidates)
-    if scores is not None:
-        return scores, True
-    scores = score_layers(method, context)
-    cache.save_scores(cache_dir, key, scores)
-    return scores, False
+    found = cache.load_scores(cache_dir, key, context.candidates)
+    if found is not None:
+        return Scored(*found), True
+    scored = scored_layers(method, context)
+    cache.save_scores(cache_dir, key, scored.scores, scored.details)
+    return scored, False

@@ -67,6 +67,7 @@ def _search_lines(search: dict | None) -> list[str]:
     budgets = ", ".join(f"{name} {value:g}" for name, value in search["budgets"].items() if value is not None) or "none (Pareto sweep)"
     lines = ["## Search", "", f"- method: {search['method']}" + (" (scores from the cache)" if search.get("scores_cached") else ""),
              f"- budgets: {budgets}", f"- predicted loss: {_fmt(search['objective'])}"]
+    lines += _scoring_lines(search.get("scoring") or {})
     if search.get("predicted_ms") is not None:
         lines.append(f"- predicted latency: {search['predicted_ms']:.3f} ms")
     if "measured_ms" in search:
@@ -83,3 +84,32 @@ def _search_lines(search: dict | None) -> list[str]:
             lines.append(f"| {point['source']} | {predicted} | {point['measured_ms']:.3f} | {point['fidelity']:.4f} | "
                          f"{'yes' if point['on_measured_front'] else 'no'} |")
     return lines + [""]
+
+
+def _scoring_lines(scoring: dict) -> list[str]:
+    """How the scores were got: a trained method's iterations and how far its steps moved, HAWQ's
+    Hutchinson iterations."""
+    lines = []
+    convergence = scoring.get("convergence")
+    if "iterations" in scoring:
+        stopped = (f"converged at iteration {convergence['iteration']}" if convergence and convergence["converged"]
+                   else "not converged")
+        budget = f" of a budget of {convergence['budget']}" if convergence else ""
+        lines.append(f"- indicator training: {scoring['iterations']} iterations{budget}, {stopped}")
+        for kind, per_bits in scoring.get("steps", {}).items():
+            if not kind.endswith("_with_initial"):
+                for bits, row in per_bits.items():
+                    rho = row.get("spearman_with_initial")
+                    ratio = row["learned_over_initial"]
+                    lines.append(f"  - {kind} steps at {bits} bits: learned / initial {ratio['min']:.2f}-{ratio['max']:.2f} "
+                                 f"(median {ratio['median']:.2f}), Spearman with the initial order "
+                                 + ("-" if rho is None else f"{rho:.2f}"))
+        for pair, rho in scoring.get("steps", {}).get("weight_gap_spearman_with_initial", {}).items():
+            lines.append(f"  - weight step gap {pair} bits (what decides between them): Spearman with the initial order "
+                         + ("-" if rho is None else f"{rho:.2f}"))
+    hutchinson = scoring.get("hutchinson")
+    if hutchinson and hutchinson.get("estimates"):
+        lines.append(f"- Hutchinson iterations: median {hutchinson['iterations_median']:g}, at most {hutchinson['iterations_max']} "
+                     f"(limit {hutchinson['max_iterations']}, tolerance {hutchinson['tolerance']:g}); "
+                     f"{hutchinson['estimates_within_tolerance']} of {hutchinson['estimates']} estimates within the tolerance")
+    return lines

@@ -46,24 +46,30 @@ def score_key(
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def load_scores(folder: pathlib.Path, key: str, candidates: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], float] | None:
-    """The cached scores for `key`, or None when there are none or the file is not a complete, valid entry."""
+def load_scores(folder: pathlib.Path, key: str, candidates: Mapping[str, Sequence[str]]
+                ) -> tuple[dict[tuple[str, str], float], dict] | None:
+    """The cached scores for `key` and the method's record of them ({} where none was saved), or
+    None when there are none or the file is not a complete, valid entry."""
     try:
         data = json.loads((folder / f"{key}.json").read_text())
         if data["format"] != _FORMAT or data["key"] != key:
             return None
         scores = {(layer, name): float(value) for layer, name, value in data["scores"]}
+        details = data.get("details", {})
+        if not isinstance(details, dict):
+            return None
     except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or hand-edited: score again
         return None
     wanted = {(layer, name) for layer, names in candidates.items() for name in names}
     if set(scores) != wanted or not all(math.isfinite(v) for v in scores.values()):
         return None
-    return scores
+    return scores, details
 
 
-def save_scores(folder: pathlib.Path, key: str, scores: Mapping[tuple[str, str], float]) -> None:
+def save_scores(folder: pathlib.Path, key: str, scores: Mapping[tuple[str, str], float], details: Mapping | None = None) -> None:
     """Write atomically, so a reader never sees half a file."""
-    data = {"format": _FORMAT, "key": key, "scores": [[layer, name, float(v)] for (layer, name), v in sorted(scores.items())]}
+    data = {"format": _FORMAT, "key": key, "scores": [[layer, name, float(v)] for (layer, name), v in sorted(scores.items())],
+            "details": dict(details or {})}
     try:
         write_atomically(folder / f"{key}.json", json.dumps(data))
     except OSError:

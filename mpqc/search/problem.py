@@ -52,6 +52,7 @@ class SearchProblem:
     scores_cached: bool  # the loss came from the score cache rather than from scoring now
     model: str  # the model spec and target name, for pareto.json
     target: str
+    scoring: dict = dataclasses.field(default_factory=dict)  # the method's record of its scores (Scored.details)
 
     def _constraints(self, latency_budget_ms: float | None) -> dict:
         return dict(
@@ -76,6 +77,7 @@ class SearchProblem:
             "predicted_ms": solution.latency_ms,
             "solve_seconds": solution.solve_seconds,
             "scores_cached": self.scores_cached,
+            "scoring": self.scoring,
             # Per layer, what the report shows beside the chosen precision: its score and its
             # predicted time (the table's layer term; edges and overhead are not any one layer's).
             "layers": [{"name": name, "precision": p, "loss": float(self.loss[(name, p)]),

@@ -18,15 +18,13 @@ import onnx
 
 from mpqc.errors import MpqcError
 from mpqc.passes.layers import Layer
+from mpqc.sensitivity.methods import INDICATOR_ITERATIONS
 from mpqc.targets import Target
 
 if TYPE_CHECKING:
     import torch
 
 
-# Indicator training iterations when nothing else is asked for: sized in
-# benchmarks/indicator_steps.py (see the README's indicator-training section).
-INDICATOR_ITERATIONS = 300
 
 
 @dataclasses.dataclass(frozen=True)

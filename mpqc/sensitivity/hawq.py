@@ -42,6 +42,7 @@ from mpqc.errors import MpqcError
 from mpqc.passes.layers import Layer
 from mpqc.precision import Precision, precision
 from mpqc.sensitivity.context import SensitivityContext
+from mpqc.sensitivity.methods import Scored
 from mpqc.sensitivity.qerror import quantized_weight
 
 DEFAULT_SAMPLES = 64
@@ -74,10 +75,18 @@ class HawqResult:
                 **self.hessian.to_json()}
 
 
-def hawq_scores(context: SensitivityContext, **options) -> dict[tuple[str, str], float]:
-    """(layer, precision) -> average Hessian trace x squared weight quantization error; fp32 scores 0.
-    `options`: hessian_traces' (samples, iterations, tolerance, loss)."""
-    return hawq_result(context, **options).scores
+def hawq_scores(context: SensitivityContext, **options) -> Scored:
+    """(layer, precision) -> average Hessian trace x squared weight quantization error; fp32 scores 0,
+    with how many Hutchinson iterations the traces took. `options`: hessian_traces' (samples,
+    iterations, tolerance, loss)."""
+    result = hawq_result(context, **options)
+    hessian = result.hessian
+    counts = [n for per_batch in hessian.iterations.values() for n in per_batch]
+    met = [ok for per_batch in hessian.converged.values() for ok in per_batch]
+    return Scored(result.scores, {"hutchinson": {
+        "tolerance": hessian.tolerance, "max_iterations": hessian.max_iterations,
+        "iterations_median": float(np.median(counts)) if counts else None, "iterations_max": max(counts, default=None),
+        "estimates": len(met), "estimates_within_tolerance": int(sum(met))}})
 
 
 def hawq_result(context: SensitivityContext, **options) -> HawqResult:

@@ -78,6 +78,7 @@ from mpqc.sensitivity.context import SensitivityContext
 from mpqc.sensitivity.gradcam import OutputCapture, attribution_loss, grad_cam, last_spatial_conv
 from mpqc.sensitivity.lsq import InputStatistics, LayerQuantizers, attach_quantizers, quantized_weight_parameter
 from mpqc.sensitivity.margin import MarginRegularizer
+from mpqc.sensitivity.methods import Scored
 
 ALPHA = 2.0  # LIMPQ: minimise sum(s_a + alpha * s_w)
 # LIMPQ's indicator-training configuration (indicators_pretraining/config_resnet*.yaml).
@@ -161,6 +162,13 @@ class IndicatorResult:
     convergence: Convergence | None = None
     held_layers: tuple[str, ...] = ()  # layers trained at one fixed setting (fixed_ends): no indicators
 
+    def details(self) -> dict:
+        """What a build records of the training: iterations against the budget, the convergence
+        check, and how far the steps moved from their initial values (step_summary)."""
+        return {"iterations": self.optimizer_steps, "training_s": self.seconds,
+                "convergence": None if self.convergence is None else self.convergence.to_json(),
+                "held_layers": list(self.held_layers), "steps": self.step_summary()}
+
     def step_summary(self) -> dict:
         """Per kind and bit-width: learned / initial over layers (min, median, max) and Spearman's rho
         between the learned and the initial steps' order over layers; and the same rho for the gap
@@ -221,12 +229,14 @@ def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
-def limpq_scores(context: SensitivityContext) -> dict[tuple[str, str], float]:
-    return train_indicators(context, regularize=False, gmpq=context.gmpq).scores
+def limpq_scores(context: SensitivityContext) -> Scored:
+    result = train_indicators(context, regularize=False, gmpq=context.gmpq)
+    return Scored(result.scores, result.details())
 
 
-def seam_scores(context: SensitivityContext) -> dict[tuple[str, str], float]:
-    return train_indicators(context, regularize=True, gmpq=context.gmpq).scores
+def seam_scores(context: SensitivityContext) -> Scored:
+    result = train_indicators(context, regularize=True, gmpq=context.gmpq)
+    return Scored(result.scores, result.details())
 
 
 def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) -> IndicatorResult:

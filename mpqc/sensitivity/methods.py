@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import TYPE_CHECKING
 
@@ -22,18 +23,37 @@ METHODS = {
 # transferred from a 4% or another-dataset proxy, and its search cost about half of hawq's.
 DEFAULT_METHOD = "seam"
 
+# Indicator training iterations (limpq, seam) when nothing else is asked for: sized in
+# benchmarks/indicator_steps.py (see the README's indicator-training section).
+INDICATOR_ITERATIONS = 300
+
 
 def check_method(name: str) -> None:
     if name not in METHODS:
         raise MpqcError(f"unknown search method '{name}': use one of {', '.join(METHODS)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """A method's scores and what it records about how it got them (plain JSON: a trained method's
+    iterations, convergence and how far its steps moved; HAWQ's Hutchinson iterations)."""
+
+    scores: dict[tuple[str, str], float]
+    details: dict
+
+
 def score_layers(method: str, context: "SensitivityContext") -> dict[tuple[str, str], float]:
     """(layer, precision) -> score for every candidate of every layer; fp32 scores 0."""
+    return scored_layers(method, context).scores
+
+
+def scored_layers(method: str, context: "SensitivityContext") -> Scored:
+    """The scores with the method's record of them. A method function returns its scores, or a Scored."""
     check_method(method)
     module_name, function = METHODS[method]
-    scores = getattr(importlib.import_module(module_name), function)(context)
-    missing = [(layer, p) for layer, names in context.candidates.items() for p in names if (layer, p) not in scores]
+    result = getattr(importlib.import_module(module_name), function)(context)
+    scored = result if isinstance(result, Scored) else Scored(result, {})
+    missing = [(layer, p) for layer, names in context.candidates.items() for p in names if (layer, p) not in scored.scores]
     if missing:
         raise RuntimeError(f"method {method} scored no value for {missing[:3]}")
-    return scores
+    return scored

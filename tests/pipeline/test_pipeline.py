@@ -96,7 +96,7 @@ def test_an_infeasible_budget_is_refused_before_any_layer_is_scored(tinynet, tmp
     def never(method, context):
         raise AssertionError("scored although the budget cannot be met")
 
-    monkeypatch.setattr("mpqc.pipeline.search.score_layers", never)
+    monkeypatch.setattr("mpqc.pipeline.search.scored_layers", never)
     assert main(["build", spec, "--proxy", str(proxy), "--policy", "search", "--budget-bitops", "1", "--no-cache",
                  "--out", "o"]) == 2
     assert "bitops budget 1 BitOps is infeasible: the smallest reachable is" in _one_error_line(capsys)

@@ -29,6 +29,10 @@ def test_each_method_builds_a_mixed_policy_within_the_budget(method, tmp_path, c
     assert counts.get("w4a8", 0) > 0 and counts.get("w8a8", 0) > 0, counts
     policy = json.loads((tmp_path / "out" / "policy.json").read_text())["layers"]
     assert set(policy) == {row["name"] for row in record["layers"]}
+    hutchinson = record["search"]["scoring"].get("hutchinson")
+    if method == "hawq":  # how many Hutchinson iterations the traces took, against the limit
+        assert 1 <= hutchinson["iterations_median"] <= hutchinson["iterations_max"] <= hutchinson["max_iterations"]
+        assert 0 <= hutchinson["estimates_within_tolerance"] <= hutchinson["estimates"]
 
 
 def test_seam_is_the_default_for_a_torch_classifier(tmp_path, capsys):
@@ -70,3 +74,26 @@ def test_an_onnx_file_defaults_to_qerror(tinynet, tmp_path, capsys):
     assert main(["build", model, "--proxy", proxy, "--policy", "search", "--budget-bytes", "6000", "--no-measure",
                  "--no-cache", "--out", str(tmp_path / "out"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["build"]["search"]["method"] == "qerror"
+
+
+def test_a_trained_method_records_its_iterations_convergence_and_step_movement(tmp_path, capsys):
+    argv = ["build", "mnist-cnn", "--policy", "search", "--evaluate-only", "--no-measure", "--proxy-limit", "64",
+            "--budget-bitops", MIDDLE_BITOPS, "--method", "limpq", "--iterations", "12", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--json"]) == 0
+    scoring = json.loads(capsys.readouterr().out)["build"]["search"]["scoring"]
+    assert 0 < scoring["iterations"] <= 12 and scoring["convergence"]["budget"] == 12  # an iteration budget, not epochs
+    weight_steps = scoring["steps"]["weight"]
+    assert {"4", "8"} <= set(weight_steps)
+    for row in weight_steps.values():
+        ratio = row["learned_over_initial"]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"] and row["layers"] > 0
+    assert "- indicator training: " in (tmp_path / "a" / "report.md").read_text()
+    # A rebuild from the cache shows the same record of how the scores were got.
+    assert main([*argv, "--out", str(tmp_path / "b"), "--json"]) == 0
+    search = json.loads(capsys.readouterr().out)["build"]["search"]
+    assert search["scores_cached"] and search["scoring"] == scoring
+
+
+def test_iterations_and_epochs_together_are_one_line(tmp_path, capsys):
+    code, err = _build(capsys, tmp_path, "--method", "limpq", "--iterations", "5")
+    assert code == 2 and "--iterations and --epochs both set how long indicators train" in err
