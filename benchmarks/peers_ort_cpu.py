@@ -9,7 +9,8 @@ same calibration data:
 - `inc:tuned`: Intel Neural Compressor 2.6's accuracy-aware tuning (relative loss 0.05 of the FP32
   metric; it stops at the first model that meets it, within --inc-timeout), run by benchmarks/peers_inc_worker.py in a virtual environment of its own that this
   script creates on first use under benchmarks/.peers-venv/ (INC's ONNX adaptor needs onnx 1.16);
-  it tunes on the calibration set unless --inc-tune-on heldout;
+  it tunes on the calibration set unless --inc-tune-on heldout; --reuse-inc takes its model from
+  an earlier run in --work that tuned the same FP32 model (timed again in this run's harness);
 - `mpqc:uniform:w8a8`: `mpqc build MODEL --target ort-cpu --policy uniform:w8a8`;
 - `mpqc:front`: `mpqc build MODEL --target ort-cpu --policy search --pareto ms` (`mpqc profile`
   first where the build asks for it), which measures its searched points beside FP32 and the
@@ -289,10 +290,9 @@ def inc_python() -> pathlib.Path:
     return python
 
 
-def inc_quantize(case: Case, out: pathlib.Path, timeout_s: int, tune_on: str) -> dict:
+def inc_quantize(case: Case, out: pathlib.Path, timeout_s: int, tune_on: str, reuse: bool = False) -> dict:
     import onnx
 
-    python = inc_python()
     fp32 = onnx.load(case.fp32)
     fp32.ir_version = min(fp32.ir_version, 10)  # onnx 1.16 reads IR 10 at most
     # INC optimizes the graph (ONNX Runtime's basic level) and then infers shapes; the recorded
@@ -300,9 +300,15 @@ def inc_quantize(case: Case, out: pathlib.Path, timeout_s: int, tune_on: str) ->
     # differ"), so it gets the model without them.
     del fp32.graph.value_info[:]
     model = out.with_name("fp32-for-inc.onnx")
-    onnx.save(fp32, model)
-    tuning_npz = case.calibration_npz if tune_on == "calibration" else case.heldout_npz
     result = out.with_name("inc-result.json")
+    given = fp32.SerializeToString()
+    if reuse and out.is_file() and result.is_file() and model.is_file() and model.read_bytes() == given:
+        record = json.loads(result.read_text())
+        if "error" not in record:  # the same FP32 model: INC's tuning would search the same way again
+            return record | {"reused": "INC's model from an earlier run of this script on the same FP32 model (--reuse-inc)"}
+    python = inc_python()
+    model.write_bytes(given)
+    tuning_npz = case.calibration_npz if tune_on == "calibration" else case.heldout_npz
     command = [str(python), "-P", str(HERE / "peers_inc_worker.py"), "--model", str(model), "--calib", str(case.calibration_npz),
                "--eval", str(tuning_npz), "--metric", case.metric, "--goal", str(INC_GOAL), "--out", str(out),
                "--result", str(result)]
@@ -360,6 +366,7 @@ def mpqc_build(case: Case, policy: list[str], out: pathlib.Path, tables: pathlib
                         *profile_extra]
         prc, perror = mpqc(profile_args, out.with_name(out.name + ".profile.log"), timeout_s)
         record["profile_s"] = time.perf_counter() - profile_start
+        record["profile_command"] = "mpqc " + " ".join(profile_args)  # --force-fit shows here where given
         log_lines += [f"mpqc {' '.join(args)}  # asked for a profile", f"mpqc {' '.join(profile_args)}"]
         if prc != 0:
             return record | {"error": f"mpqc profile: {perror}"}
@@ -415,7 +422,7 @@ def mpqc_front(case: Case, folder: pathlib.Path, tables: pathlib.Path, timeout_s
                  "dropped_by_measurement": dropped} | record]
     points[0] |= {"search_build_s": record["build_s"], "dropped_by_measurement": dropped,
                   "predicted_front_points": len(front["points"])}
-    points[0] |= {"profile_s": record["profile_s"]} if "profile_s" in record else {}
+    points[0] |= {key: record[key] for key in ("profile_s", "profile_command") if key in record}
     return points
 
 
@@ -552,7 +559,7 @@ def run_model(name: str, args, work: pathlib.Path, tables: pathlib.Path) -> dict
     else:
         out = folder / "inc" / "inc-tuned.onnx"
         out.parent.mkdir(exist_ok=True)
-        attempt("inc:tuned", lambda: _with_model(inc_quantize(case, out, args.inc_timeout, args.inc_tune_on), out))
+        attempt("inc:tuned", lambda: _with_model(inc_quantize(case, out, args.inc_timeout, args.inc_tune_on, args.reuse_inc), out))
     uniform = folder / "mpqc-uniform-w8a8"
     attempt("mpqc:uniform:w8a8", lambda: _with_model(
         mpqc_build(case, ["--policy", "uniform:w8a8"], uniform, tables, args.step_timeout, commands),
@@ -700,6 +707,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs of every model before its timed runs in each round")
     parser.add_argument("--skip-inc", action="store_true", help="record inc:tuned as skipped instead of running INC")
     parser.add_argument("--inc-timeout", type=int, default=1800, help="time limit of INC's tuning per model, seconds")
+    parser.add_argument("--reuse-inc", action="store_true",
+                        help="take INC's tuned model from an earlier run in --work when it tuned the same FP32 model (it is timed again)")
     parser.add_argument("--inc-tune-on", choices=["calibration", "heldout"], default="calibration",
                         help="the data INC's accuracy-aware tuning evaluates on (fidelity is always reported on held-out)")
     parser.add_argument("--step-timeout", type=int, default=7200, help="limit for one mpqc command, seconds")
