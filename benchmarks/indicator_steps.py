@@ -40,8 +40,8 @@ from mpqc.files import write_atomically
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.options import BuildOptions
 from mpqc.pipeline.search import sensitivity_context
+from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
 from mpqc.sensitivity.indicators import train_indicators
-from mpqc.sensitivity.methods import INDICATOR_ITERATIONS
 from mpqc.targets import load_target
 from mpqc.versions import provenance
 

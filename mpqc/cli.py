@@ -282,7 +282,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
     parser.add_argument("--evaluate-only", action="store_true", help="allow precisions the target can evaluate but not deploy")
     parser.add_argument("--no-bias-correction", action="store_true", help="keep biases as trained (default: correct the mean error of rounded weights)")
-    from mpqc.sensitivity.methods import INDICATOR_ITERATIONS, METHODS
+    from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
+    from mpqc.sensitivity.methods import METHODS
 
     parser.add_argument("--method", choices=list(METHODS),
                         help="sensitivity for --policy search (default: seam for torch classifiers, else qerror)")
@@ -446,7 +447,8 @@ def make_parser() -> argparse.ArgumentParser:
     search_validate.add_argument("--out", required=True, help="folder for search_validation.json")
     search_validate.add_argument("--proxy", help="proxy data .npz keyed by input name (bundled examples bring their own)")
     search_validate.add_argument("--proxy-limit", type=_int_range(1, 10**9), help="use only the first N proxy samples")
-    from mpqc.sensitivity.methods import INDICATOR_ITERATIONS, METHODS
+    from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
+    from mpqc.sensitivity.methods import METHODS
 
     search_validate.add_argument("--method", action="append", choices=list(METHODS), required=True,
                                  help="a method to validate; repeat it to validate several on the same random policies")

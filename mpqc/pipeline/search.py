@@ -19,7 +19,8 @@ from mpqc.pipeline.options import BuildOptions
 from mpqc.search import cache
 from mpqc.search.problem import PARETO_RESOURCES, SearchProblem
 from mpqc.sensitivity.context import SensitivityContext, settings_of
-from mpqc.sensitivity.methods import DEFAULT_METHOD, INDICATOR_ITERATIONS, Scored, check_method, scored_layers
+from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
+from mpqc.sensitivity.methods import DEFAULT_METHOD, Scored, check_method, scored_layers
 from mpqc.targets import Target
 
 

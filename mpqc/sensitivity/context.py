@@ -18,7 +18,7 @@ import onnx
 
 from mpqc.errors import MpqcError
 from mpqc.passes.layers import Layer
-from mpqc.sensitivity.methods import INDICATOR_ITERATIONS
+from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
 from mpqc.targets import Target
 
 if TYPE_CHECKING:

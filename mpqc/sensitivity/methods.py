@@ -23,10 +23,6 @@ METHODS = {
 # transferred from a 4% or another-dataset proxy, and its search cost about half of hawq's.
 DEFAULT_METHOD = "seam"
 
-# Indicator training iterations (limpq, seam) when nothing else is asked for: sized in
-# benchmarks/indicator_steps.py (see the README's indicator-training section).
-INDICATOR_ITERATIONS = 300
-
 
 def check_method(name: str) -> None:
     if name not in METHODS:
