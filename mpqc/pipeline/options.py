@@ -32,7 +32,7 @@ class BuildOptions:
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
     bias_correction: bool = True
     # --policy search: the ILP chooses per layer under these budgets (any combination).
-    method: str | None = None  # sensitivity method; None: seam for torch classifiers, else qerror
+    method: str | None = None  # sensitivity method; None: DEFAULT_METHOD (qerror)
     # Indicator training (limpq, seam): an iteration budget (None: INDICATOR_ITERATIONS), or passes
     # over the proxy data where `epochs` is given instead.
     iterations: int | None = None

@@ -25,12 +25,12 @@ from mpqc.targets import Target
 
 
 def resolve_method(method: str | None, module, classifier: bool) -> str:
-    """The method asked for, else DEFAULT_METHOD (seam) for a torch classifier; qerror where there is
-    no torch module (an .onnx file) or the output is not class scores (an embedding model)."""
+    """The method asked for, else DEFAULT_METHOD (qerror, which needs neither a torch module nor
+    class scores)."""
     if method is not None:
         check_method(method)
         return method
-    return DEFAULT_METHOD if module is not None and classifier else "qerror"
+    return DEFAULT_METHOD
 
 
 def candidates_of(analysis: Analysis, target: Target, evaluate_only: bool) -> dict[str, list[str]]:

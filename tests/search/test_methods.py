@@ -35,9 +35,9 @@ def test_each_method_builds_a_mixed_policy_within_the_budget(method, tmp_path, c
         assert 0 <= hutchinson["estimates_within_tolerance"] <= hutchinson["estimates"]
 
 
-def test_seam_is_the_default_for_a_torch_classifier(tmp_path, capsys):
+def test_qerror_is_the_default_method(tmp_path, capsys):
     code, record = _build(capsys, tmp_path)
-    assert code == 0 and record["search"]["method"] == "seam"
+    assert code == 0 and record["search"]["method"] == "qerror"
 
 
 def test_the_same_seed_gives_the_same_policy(tmp_path, capsys):
