@@ -302,10 +302,10 @@ def inc_quantize(case: Case, out: pathlib.Path, timeout_s: int, tune_on: str, re
     model = out.with_name("fp32-for-inc.onnx")
     result = out.with_name("inc-result.json")
     given = fp32.SerializeToString()
-    if reuse and out.is_file() and result.is_file() and model.is_file() and model.read_bytes() == given:
+    if reuse and result.is_file() and model.is_file() and model.read_bytes() == given:
         record = json.loads(result.read_text())
-        if "error" not in record:  # the same FP32 model: INC's tuning would search the same way again
-            return record | {"reused": "INC's model from an earlier run of this script on the same FP32 model (--reuse-inc)"}
+        if "error" in record or out.is_file():  # the same FP32 model: INC's tuning would search the same way again
+            return record | {"reused": "INC's outcome from an earlier run of this script on the same FP32 model (--reuse-inc)"}
     python = inc_python()
     model.write_bytes(given)
     tuning_npz = case.calibration_npz if tune_on == "calibration" else case.heldout_npz
