@@ -254,14 +254,17 @@ def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, 
             candidates.append((source, candidate, predicted))
     points, noise_floor = measure_points(lowering, analysis.loaded, feeds, candidates, options.batch, metric)
     margin = min(noise_floor, MAX_MARGIN)
-    kept = undominated(points, margin)
+    # A policy that keeps every layer float is the FP32 model timed twice: it is left out of the
+    # front, so that noise cannot let it beat, and drop, the reference every point is judged against.
+    twins = [p for p in points[1:] if all(p.policy.precision_of(name).is_float for name in p.policy.as_dict)]
+    kept = undominated([p for p in points if p not in twins], margin)
     summary = {"metric": FRONT_METRIC, "noise_floor": noise_floor, "latency_margin": margin,
                "points": [p.to_json() | {"on_measured_front": p in kept} for p in points]}
     if front is not None:
         deployable = [p for p in kept if p.policy is not None]
         # Where the FP32 model itself beats every lowered policy (a tiny model), build the most
         # faithful policy, the all-fp32 one, whatever name it was measured under.
-        chosen = (deployable[(len(deployable) - 1) // 2] if deployable else
+        chosen = (deployable[(len(deployable) - 1) // 2] if deployable else twins[0] if twins else
                   max((p for p in points if p.policy is not None), key=lambda p: (p.fidelity, -p.median_ms)))
         why = (f"the middle of the {len(kept)} measured points no other measured point beats on latency (up to the "
                f"{margin:.1%} noise floor) and {FRONT_METRIC}")
