@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from mpqc.errors import MpqcError
+from mpqc.frontend.shapes import fixed_batch
 
 METHODS = ("minmax", "percentile")
 _BINS = 2048
@@ -75,9 +76,7 @@ def _session_with_outputs(model: onnx.ModelProto, tensors: list[str]) -> ort.Inf
 
 def _run(session: ort.InferenceSession, tensors: list[str], feeds: dict[str, np.ndarray], batch_size: int):
     count = len(next(iter(feeds.values())))
-    # A model whose batch dimension is fixed (often at 1) takes that many samples per run.
-    fixed = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
-    batch_size = min(fixed) if fixed else batch_size
+    batch_size = fixed_batch(session.get_inputs()) or batch_size
     for start in range(0, count, batch_size):
         batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
         yield session.run(tensors, batch)

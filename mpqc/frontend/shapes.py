@@ -14,7 +14,6 @@ from mpqc.errors import MpqcError
 from mpqc.frontend.support import MAX_INPUT_ELEMENTS
 
 
-
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """'name:1x3x224x224' -> ('name', (1, 3, 224, 224))."""
     name, colon, dims = text.rpartition(":")
@@ -59,6 +58,19 @@ def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
     except Exception as exc:
         first = str(exc).strip().splitlines()[0]
         raise MpqcError(f"shape inference failed on '{origin}' with the shapes given: {first}") from None
+
+
+def sizes_from_data(model: onnx.ModelProto, arrays: Mapping) -> dict[str, tuple[int, ...]]:
+    """The shapes of `arrays` for the inputs whose sizes the model leaves open (besides the batch)."""
+    open_inputs = symbolic_inputs(model)
+    return {name: tuple(array.shape) for name, array in arrays.items() if name in open_inputs}
+
+
+def fixed_batch(inputs) -> int | None:
+    """The batch an ONNX Runtime session's inputs (`get_inputs()`) fix, or None where it is open:
+    a model exported with its batch fixed (often at 1) takes that many samples per run."""
+    fixed = [i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int)]
+    return min(fixed) if fixed else None
 
 
 def symbolic_inputs(model: onnx.ModelProto) -> set[str]:

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from mpqc.errors import MpqcError
 from mpqc.frontend.resolve import LoadedModel, resolve_model
-from mpqc.frontend.shapes import symbolic_inputs, with_input_shapes
+from mpqc.frontend.shapes import sizes_from_data, with_input_shapes
 from mpqc.frontend.torch_export import module_map
 from mpqc.passes.layers import Layer, find_layers
 from mpqc.passes.pipeline import canonicalize
@@ -61,8 +61,7 @@ def at_data_sizes(analysis: Analysis, arrays: dict) -> Analysis:
     """The analysis with the sizes the model leaves open (besides the batch) fixed from `arrays`:
     latency is measured and keyed at real sizes, so `mpqc profile` and a latency search on the same
     data see the same layers. The model itself stays open; only its costs are looked up this way."""
-    open_inputs = symbolic_inputs(analysis.loaded.model)
-    fixed = {name: tuple(array.shape) for name, array in arrays.items() if name in open_inputs}
+    fixed = sizes_from_data(analysis.loaded.model, arrays)
     if not fixed:
         return analysis
     loaded = dataclasses.replace(analysis.loaded, model=with_input_shapes(analysis.loaded.model, fixed, analysis.loaded.spec))

@@ -21,9 +21,9 @@ from mpqc.costmodel.table import LatencyTable, entry_key
 from mpqc.data.proxy import ProxySource, proxy_feeds
 from mpqc.errors import MpqcError
 from mpqc.frontend.resolve import resolve_model
-from mpqc.frontend.shapes import with_input_shapes
+from mpqc.frontend.shapes import sizes_from_data, with_input_shapes
 from mpqc.lower.lowering import CalibrationSettings, Lowering
-from mpqc.passes.analysis import Analysis, analyze_loaded, at_data_sizes
+from mpqc.passes.analysis import Analysis, analyze_loaded
 from mpqc.passes.signatures import layer_signature
 from mpqc.progress import stage as progress_stage
 from mpqc.targets import Target, load_target
@@ -43,11 +43,12 @@ def costmodel_inputs(model: str, target_name: str, proxy: str | None, batch: int
         loaded = resolve_model(model)
     proxied = proxy is not None or loaded.example is not None
     calibration = proxy_feeds(ProxySource(proxy), loaded)[0] if proxied else None
-    if shapes:
-        loaded = dataclasses.replace(loaded, model=with_input_shapes(loaded.model, dict(shapes), model))
-    analysis = analyze_loaded(loaded)
+    fixed = dict(shapes or {})
     if proxy is not None:  # only where the model leaves a size open: a model's own shapes key its table
-        analysis = at_data_sizes(analysis, calibration)
+        fixed = sizes_from_data(loaded.model, calibration) | fixed
+    if fixed:
+        loaded = dataclasses.replace(loaded, model=with_input_shapes(loaded.model, fixed, model))
+    analysis = analyze_loaded(loaded)
     _require_concrete_layers(analysis)
     if calibration is None:  # ranges change numbers, not speed: a fixed-seed synthetic batch is enough to time
         calibration = synthetic_feeds(analysis.loaded.model, 8, hint=_SHAPE_HINT)

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class SensitivityContext:
     float_model: onnx.ModelProto  # canonicalized float model (BN folded), the one the lowering quantizes

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from mpqc.backends.base import Runner
 from mpqc.errors import MpqcError
+from mpqc.frontend.shapes import fixed_batch
 from mpqc.targets import Target, load_target
 from mpqc.versions import machine
 
@@ -93,8 +94,7 @@ class OrtRunner(Runner):
             first = str(exc).strip().splitlines()[0]
             raise MpqcError(f"ONNX Runtime cannot load the model: {first}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        fixed = [i.shape[0] for i in self.inputs.values() if i.shape and isinstance(i.shape[0], int)]
-        self.fixed_batch = min(fixed) if fixed else None
+        self.fixed_batch = fixed_batch(self.inputs.values())
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
