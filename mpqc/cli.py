@@ -252,6 +252,9 @@ def cmd_search_validate(args) -> dict:
     lines = [f"{args.model} on {result['target']}: {result['random_policies']} random policies, fidelity "
              f"{result['fidelity_data']['metric']} on {result['fidelity_data']['samples']} samples ({result['fidelity_data']['data']})"]
     for method, r in result["methods"].items():
+        if "refused" in r:
+            lines.append(f"  {method}: refused: {r['refused']}")
+            continue
         low, high = r["kendall_tau_interval"]
         budgets = ", ".join(f"p{b['quartile']} BitOps: {b['percentile_among_random']:.0f}th percentile" if "percentile_among_random" in b
                             else f"p{b['quartile']} BitOps: {b['error']}" for b in r["at_budgets"])

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -52,8 +53,12 @@ def _bootstrap(values: np.ndarray, statistic, rounds: int, seed: int) -> list[fl
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws else [float("nan")] * 2
 
 
-def validate_search(options: BuildOptions, methods: list[str], policies: int = 100, bootstrap: int = 1000) -> dict:
-    """`options` gives model, target, proxy, seed and the scoring settings; its method is ignored."""
+def validate_search(options: BuildOptions, methods: list[str], policies: int = 100, bootstrap: int = 1000,
+                    after_method: Callable[[dict], None] | None = None) -> dict:
+    """`options` gives model, target, proxy, seed and the scoring settings; its method is ignored.
+    A method that cannot score this model (limpq on a model that is not a classifier, say) is
+    recorded with the reason and the others still run. `after_method` gets the result so far after
+    each method: a long run keeps what it measured."""
     started = time.perf_counter()
     target = load_target(options.target)
     with progress.stage(f"loading {options.model}"):
@@ -78,11 +83,28 @@ def validate_search(options: BuildOptions, methods: list[str], policies: int = 1
     error = 1.0 - measured
 
     results = {}
+    result = {
+        "format": "mpqc.search_validation/1",
+        "model": options.model,
+        "target": target.name,
+        "proxy": {"origin": origin, "samples": len(next(iter(feeds.values())))},
+        "fidelity_data": {"data": data, "samples": len(reference), "metric": FRONT_METRIC, "error": f"1 - {FRONT_METRIC}"},
+        "random_policies": len(rows),
+        "seed": options.seed,
+        "methods": results,
+        "rows": rows,
+    }
     for method in methods:
         clock = time.perf_counter()
-        with progress.stage(f"scoring layers with {method}"):
-            problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds,
-                                     dataclasses.replace(base, method=method), labels_proxy)
+        try:
+            with progress.stage(f"scoring layers with {method}"):
+                problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds,
+                                         dataclasses.replace(base, method=method), labels_proxy)
+        except MpqcError as exc:
+            results[method] = {"refused": str(exc), "scoring_s": time.perf_counter() - clock}
+            if after_method is not None:
+                after_method(result | {"wall_s": time.perf_counter() - started})
+            continue
         scoring_s = time.perf_counter() - clock
         predicted = np.array([sum(problem.loss[item] for item in r["layers"].items()) for r in rows])
         bitops = np.array([sum(problem.bitops[item] for item in r["layers"].items()) for r in rows])
@@ -114,19 +136,11 @@ def validate_search(options: BuildOptions, methods: list[str], policies: int = 1
             "spearman_loss_vs_error": float(stats.spearmanr(predicted, error).statistic),
             "at_budgets": at_budgets,
             "predicted_loss": predicted.tolist(),
+            "scoring": problem.scoring,
         }
-    return {
-        "format": "mpqc.search_validation/1",
-        "model": options.model,
-        "target": target.name,
-        "proxy": {"origin": origin, "samples": len(next(iter(feeds.values())))},
-        "fidelity_data": {"data": data, "samples": len(reference), "metric": FRONT_METRIC, "error": f"1 - {FRONT_METRIC}"},
-        "random_policies": len(rows),
-        "seed": options.seed,
-        "methods": results,
-        "rows": rows,
-        "wall_s": time.perf_counter() - started,
-    }
+        if after_method is not None:
+            after_method(result | {"wall_s": time.perf_counter() - started})
+    return result | {"wall_s": time.perf_counter() - started}
 
 
 def validate_search_to_folder(options: BuildOptions, methods: list[str], out: pathlib.Path, **settings) -> dict:
@@ -134,5 +148,8 @@ def validate_search_to_folder(options: BuildOptions, methods: list[str], out: pa
     holding anything but an earlier validation is refused before any work."""
     check_output_folder(out, "search_validation.json", "mpqc search validate")
     result = validate_search(options, methods, **settings)
+    refused = [r["refused"] for r in result["methods"].values() if "refused" in r]
+    if len(refused) == len(result["methods"]):
+        raise MpqcError(refused[0] if len(refused) == 1 else "; ".join(f"{m}: {r['refused']}" for m, r in result["methods"].items()))
     replace_folder(out, lambda staging: (staging / "search_validation.json").write_text(json.dumps(result, indent=2) + "\n"))
     return result

@@ -30,3 +30,36 @@ def test_search_validate_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert main(["search", "validate", "mnist-cnn", "--method", "qerror", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("mpqc: error:")
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def _onnx_file(tinynet, tmp_path) -> tuple[str, str]:
+    import onnx
+
+    from mpqc.passes.analysis import analyze
+
+    spec, proxy = tinynet
+    path = tmp_path / "tinynet.onnx"
+    onnx.save(analyze(spec).loaded.model, path)
+    return str(path), str(proxy)
+
+
+def test_a_method_that_cannot_score_the_model_is_recorded_and_the_others_run(tinynet, tmp_path, capsys):
+    model, proxy = _onnx_file(tinynet, tmp_path)
+    out = tmp_path / "v"
+    assert main(["search", "validate", model, "--proxy", proxy, "--method", "limpq", "--method", "qerror",
+                 "--policies", "6", "--bootstrap", "20", "--no-cache", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "search_validation.json").read_text())
+    assert "--method limpq trains on the torch model" in result["methods"]["limpq"]["refused"]
+    assert "limpq: refused: mpqc: error:" not in printed and "limpq: refused: " in printed
+    assert -1 <= result["methods"]["qerror"]["kendall_tau_loss_vs_error"] <= 1
+
+
+def test_every_method_refused_is_one_line_and_writes_nothing(tinynet, tmp_path, capsys):
+    model, proxy = _onnx_file(tinynet, tmp_path)
+    out = tmp_path / "v"
+    assert main(["search", "validate", model, "--proxy", proxy, "--method", "seam", "--policies", "4",
+                 "--no-cache", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpqc: error:") and err.count("\n") == 1 and "--method qerror" in err
+    assert not out.exists()
