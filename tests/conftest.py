@@ -56,3 +56,16 @@ def tinynet(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # search builds cache scores: not in ~/.cache
     monkeypatch.syspath_prepend(str(tmp_path))
     return "tinynet:make", tmp_path / "proxy.npz"
+
+
+@pytest.fixture()
+def tinynet_onnx(tinynet, tmp_path):
+    """The tiny model as an .onnx file (no torch module behind it) and its proxy: (model path, proxy path)."""
+    import onnx
+
+    from mpqc.passes.analysis import analyze
+
+    spec, proxy = tinynet
+    path = tmp_path / "tinynet.onnx"
+    onnx.save(analyze(spec).loaded.model, path)
+    return str(path), str(proxy)

@@ -32,19 +32,9 @@ def test_search_validate_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def _onnx_file(tinynet, tmp_path) -> tuple[str, str]:
-    import onnx
 
-    from mpqc.passes.analysis import analyze
-
-    spec, proxy = tinynet
-    path = tmp_path / "tinynet.onnx"
-    onnx.save(analyze(spec).loaded.model, path)
-    return str(path), str(proxy)
-
-
-def test_a_method_that_cannot_score_the_model_is_recorded_and_the_others_run(tinynet, tmp_path, capsys):
-    model, proxy = _onnx_file(tinynet, tmp_path)
+def test_a_method_that_cannot_score_the_model_is_recorded_and_the_others_run(tinynet_onnx, tmp_path, capsys):
+    model, proxy = tinynet_onnx
     out = tmp_path / "v"
     assert main(["search", "validate", model, "--proxy", proxy, "--method", "limpq", "--method", "qerror",
                  "--policies", "6", "--bootstrap", "20", "--no-cache", "--out", str(out)]) == 0
@@ -55,8 +45,8 @@ def test_a_method_that_cannot_score_the_model_is_recorded_and_the_others_run(tin
     assert -1 <= result["methods"]["qerror"]["kendall_tau_loss_vs_error"] <= 1
 
 
-def test_every_method_refused_is_one_line_and_writes_nothing(tinynet, tmp_path, capsys):
-    model, proxy = _onnx_file(tinynet, tmp_path)
+def test_every_method_refused_is_one_line_and_writes_nothing(tinynet_onnx, tmp_path, capsys):
+    model, proxy = tinynet_onnx
     out = tmp_path / "v"
     assert main(["search", "validate", model, "--proxy", proxy, "--method", "seam", "--policies", "4",
                  "--no-cache", "--out", str(out)]) == 2

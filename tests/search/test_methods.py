@@ -47,19 +47,9 @@ def test_the_same_seed_gives_the_same_policy(tmp_path, capsys):
     assert (tmp_path / "a" / "out" / "model.qdq.onnx").read_bytes() == (tmp_path / "b" / "out" / "model.qdq.onnx").read_bytes()
 
 
-def _onnx_file(tinynet, tmp_path) -> tuple[str, str]:
-    import onnx
 
-    from mpqc.passes.analysis import analyze
-
-    spec, proxy = tinynet
-    path = tmp_path / "tinynet.onnx"
-    onnx.save(analyze(spec).loaded.model, path)
-    return str(path), str(proxy)
-
-
-def test_a_trained_method_on_an_onnx_file_says_what_to_do(tinynet, tmp_path, capsys):
-    model, proxy = _onnx_file(tinynet, tmp_path)
+def test_a_trained_method_on_an_onnx_file_says_what_to_do(tinynet_onnx, tmp_path, capsys):
+    model, proxy = tinynet_onnx
     code = main(["build", model, "--proxy", proxy, "--policy", "search", "--method", "seam", "--budget-bytes", "1e9",
                  "--no-measure", "--no-cache", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -69,8 +59,8 @@ def test_a_trained_method_on_an_onnx_file_says_what_to_do(tinynet, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_an_onnx_file_defaults_to_qerror(tinynet, tmp_path, capsys):
-    model, proxy = _onnx_file(tinynet, tmp_path)
+def test_an_onnx_file_defaults_to_qerror(tinynet_onnx, tmp_path, capsys):
+    model, proxy = tinynet_onnx
     assert main(["build", model, "--proxy", proxy, "--policy", "search", "--budget-bytes", "6000", "--no-measure",
                  "--no-cache", "--out", str(tmp_path / "out"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["build"]["search"]["method"] == "qerror"
