@@ -42,6 +42,7 @@ from mpqc.pipeline.options import BuildOptions
 from mpqc.pipeline.search import sensitivity_context
 from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
 from mpqc.sensitivity.indicators import train_indicators
+from mpqc.sensitivity.sharpness import SharpnessSettings
 from mpqc.targets import load_target
 from mpqc.versions import provenance
 
@@ -53,7 +54,7 @@ def main() -> int:
                         help="iteration budgets; 0: the untrained initial steps")
     parser.add_argument("--proxies", nargs="+", default=["full"], choices=["full", "4pct", "other"])
     parser.add_argument("--full", type=int, help="size of the full proxy (as in benchmarks/transfer.py)")
-    parser.add_argument("--method", choices=["seam", "limpq"], default="seam")
+    parser.add_argument("--method", choices=["seam", "limpq", "asga"], default="seam")
     parser.add_argument("--fixed-ends", action="store_true", help="hold the first and last layer at 8 bits (LIMPQ)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -96,7 +97,8 @@ def main() -> int:
             context = dataclasses.replace(base, epochs=None, iterations=budget, fixed_ends=args.fixed_ends)
             load = os.getloadavg()
             wall, cpu = time.perf_counter(), time.process_time()
-            result = train_indicators(context, regularize=args.method == "seam", gmpq=False)
+            result = train_indicators(context, regularize=args.method == "seam", gmpq=False,
+                                      sharpness=SharpnessSettings() if args.method == "asga" else None)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             row = {"proxy": proxy_name, "samples": base.sample_count, "batch_size": base.batch_size, "iterations_budget": budget,
                    "iterations": result.optimizer_steps, "seconds": wall, "cpu_seconds": cpu,
@@ -104,6 +106,8 @@ def main() -> int:
                    "convergence": result.convergence.to_json(), "policies": []}
             if budget > 0:
                 row["steps"] = result.step_summary()
+            if result.sharpness is not None:
+                row["sharpness"] = result.sharpness
             for point, bitops_budget in enumerate(sweeps.budgets["bitops"]):
                 assignments, _ = sweeps.solve("bitops", bitops_budget, result.scores)
                 measured = evaluate(assignments)

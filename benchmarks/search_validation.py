@@ -28,7 +28,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["efficientnet-lite0", "minilm"])
-    parser.add_argument("--methods", nargs="*", default=["qerror", "hawq", "limpq", "seam"])
+    parser.add_argument("--methods", nargs="*", default=["qerror", "hawq", "limpq", "seam", "asga"])
     parser.add_argument("--policies", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--update", action="store_true", help="add these methods to the model's earlier result")

@@ -291,7 +291,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=list(METHODS),
                         help="sensitivity for --policy search (default: qerror)")
     parser.add_argument("--iterations", type=_int_range(0, 1_000_000),
-                        help=f"indicator training iterations (seam, limpq; default {INDICATOR_ITERATIONS}, whatever the proxy's size)")
+                        help=f"indicator training iterations (seam, limpq, asga; default {INDICATOR_ITERATIONS}, whatever the proxy's size)")
     parser.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes over the proxy data instead of --iterations")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     parser.add_argument("--budget-ms", type=_float_range(0.0, 1e9, low_open=True), help="latency budget on the target, from its measured table")
@@ -459,7 +459,7 @@ def make_parser() -> argparse.ArgumentParser:
     search_validate.add_argument("--bootstrap", type=_int_range(10, 100_000), default=1000, help="bootstrap resamples for the intervals")
     search_validate.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)
     search_validate.add_argument("--iterations", type=_int_range(0, 1_000_000),
-                                 help=f"indicator training iterations (seam, limpq; default {INDICATOR_ITERATIONS})")
+                                 help=f"indicator training iterations (seam, limpq, asga; default {INDICATOR_ITERATIONS})")
     search_validate.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes instead of --iterations")
     search_validate.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
     search_validate.add_argument("--cache-dir", help="sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")

@@ -31,10 +31,12 @@ from mpqc.targets import load_target
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mpqc.sensitivity.indicators import train_indicators  # torch-heavy: after argument errors
+    from mpqc.sensitivity.sharpness import SharpnessSettings
 
     rank, world_size = process_group()
     context = build_context(args)
-    result = train_indicators(context, regularize=args.method == "seam", gmpq=args.gmpq)
+    result = train_indicators(context, regularize=args.method == "seam", gmpq=args.gmpq,
+                              sharpness=SharpnessSettings() if args.method == "asga" else None)
     record = {"method": args.method, "model": args.model, "rank": rank, "world_size": world_size, **result.to_json()}
     out = pathlib.Path(args.out)
     if rank == 0:
@@ -63,10 +65,10 @@ def build_context(args: argparse.Namespace):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mpqc.pipeline.distributed",
-        description="Train limpq/seam importance indicators (under torchrun: data-parallel over processes).",
+        description="Train limpq/seam/asga importance indicators (under torchrun: data-parallel over processes).",
     )
     parser.add_argument("model", help="bundled example, or package.module:factory")
-    parser.add_argument("--method", choices=("seam", "limpq"), default="seam")
+    parser.add_argument("--method", choices=("seam", "limpq", "asga"), default="seam")
     parser.add_argument("--target", default="ort-cpu")
     parser.add_argument("--proxy", help=".npz of proxy inputs keyed by input name (bundled examples bring their own)")
     parser.add_argument("--samples", type=int, help="use the first N proxy samples")

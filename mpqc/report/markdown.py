@@ -87,8 +87,8 @@ def _search_lines(search: dict | None) -> list[str]:
 
 
 def _scoring_lines(scoring: dict) -> list[str]:
-    """How the scores were got: a trained method's iterations and how far its steps moved, HAWQ's
-    Hutchinson iterations."""
+    """How the scores were got: a trained method's iterations and how far its steps moved (asga: its
+    surrogate gap), HAWQ's Hutchinson iterations."""
     lines = []
     convergence = scoring.get("convergence")
     if "iterations" in scoring:
@@ -107,6 +107,12 @@ def _scoring_lines(scoring: dict) -> list[str]:
         for pair, rho in scoring.get("steps", {}).get("weight_gap_spearman_with_initial", {}).items():
             lines.append(f"  - weight step gap {pair} bits (what decides between them): Spearman with the initial order "
                          + ("-" if rho is None else f"{rho:.2f}"))
+    sharpness = scoring.get("sharpness")
+    if sharpness and sharpness.get("iterations"):
+        gap, cosine = sharpness["surrogate_gap"], sharpness["gradient_cosine"]
+        lines.append(f"  - sharpness (asga, radius {sharpness['rho_max']:g} to {sharpness['rho_min']:g}, alpha {sharpness['alpha']:g}): "
+                     f"surrogate gap {gap['first']:.4g} in the first tenth of training, {gap['last']:.4g} in the last; "
+                     f"clean/perturbed gradient cosine {cosine['first']:.3f} then {cosine['last']:.3f}")
     hutchinson = scoring.get("hutchinson")
     if hutchinson and hutchinson.get("estimates"):
         lines.append(f"- Hutchinson iterations: median {hutchinson['iterations_median']:g}, at most {hutchinson['iterations_max']} "

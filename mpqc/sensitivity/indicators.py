@@ -1,4 +1,6 @@
-"""Learned importance indicators: `limpq` (Tang et al., ECCV 2022) and `seam` (SEAM, ACM MM 2023).
+"""Learned importance indicators: `limpq` (Tang et al., ECCV 2022), `seam` (SEAM, ACM MM 2023) and
+`asga` (ASGA, ICML 2025: limpq's training with a sharpness-aware, gradient-aligned update,
+mpqc.sensitivity.sharpness).
 
 A copy of the torch module gets LSQ quantizers on every layer (mpqc.sensitivity.lsq): one learnable
 step per layer per candidate weight bit-width and per candidate activation bit-width. Training
@@ -79,6 +81,7 @@ from mpqc.sensitivity.gradcam import OutputCapture, attribution_loss, grad_cam, 
 from mpqc.sensitivity.lsq import InputStatistics, LayerQuantizers, attach_quantizers, quantized_weight_parameter
 from mpqc.sensitivity.margin import MarginRegularizer
 from mpqc.sensitivity.methods import Scored
+from mpqc.sensitivity.sharpness import SharpnessSettings, SharpnessStep, align_gradients, summarize
 
 ALPHA = 2.0  # LIMPQ: minimise sum(s_a + alpha * s_w)
 # LIMPQ's indicator-training configuration (indicators_pretraining/config_resnet*.yaml).
@@ -161,13 +164,15 @@ class IndicatorResult:
     initial_activation_steps: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     convergence: Convergence | None = None
     held_layers: tuple[str, ...] = ()  # layers trained at one fixed setting (fixed_ends): no indicators
+    sharpness: dict | None = None  # asga: its settings, surrogate gap and gradient cosine (sharpness.summarize)
 
     def details(self) -> dict:
         """What a build records of the training: iterations against the budget, the convergence
         check, and how far the steps moved from their initial values (step_summary)."""
-        return {"iterations": self.optimizer_steps, "training_s": self.seconds,
-                "convergence": None if self.convergence is None else self.convergence.to_json(),
-                "held_layers": list(self.held_layers), "steps": self.step_summary()}
+        details = {"iterations": self.optimizer_steps, "training_s": self.seconds,
+                   "convergence": None if self.convergence is None else self.convergence.to_json(),
+                   "held_layers": list(self.held_layers), "steps": self.step_summary()}
+        return details | ({"sharpness": self.sharpness} if self.sharpness is not None else {})
 
     def step_summary(self) -> dict:
         """Per kind and bit-width: learned / initial over layers (min, median, max) and Spearman's rho
@@ -219,6 +224,7 @@ class IndicatorResult:
             "seconds": self.seconds,
             "optimizer_steps": self.optimizer_steps,
             "rank_divergence": self.rank_divergence,
+            "sharpness": self.sharpness,
         }
 
 
@@ -239,10 +245,18 @@ def seam_scores(context: SensitivityContext) -> Scored:
     return Scored(result.scores, result.details())
 
 
-def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) -> IndicatorResult:
-    """Trains the steps jointly (see the module docstring) and turns them into scores."""
+def asga_scores(context: SensitivityContext) -> Scored:
+    result = train_indicators(context, regularize=False, gmpq=context.gmpq, sharpness=SharpnessSettings())
+    return Scored(result.scores, result.details())
+
+
+def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool,
+                     sharpness: SharpnessSettings | None = None) -> IndicatorResult:
+    """Trains the steps jointly (see the module docstring) and turns them into scores; with
+    `sharpness`, every update is ASGA's (mpqc.sensitivity.sharpness)."""
     clock = time.perf_counter()
-    context.require_module("seam" if regularize else "limpq")
+    method = "asga" if sharpness is not None else "seam" if regularize else "limpq"
+    context.require_module(method)
     rank, world_size = distributed.process_group()
     quantized = QuantizedCopy.create(context, world_size)
     attribution_module = None
@@ -259,14 +273,15 @@ def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) 
     budget = context.indicator_iterations()
     batches = distributed.iteration_batches(context.sample_count, context.batch_size, context.seed, budget, rank,
                                             world_size)
-    trainer = _Trainer(context, quantized, labels, regularizer, reference, attribution_module, world_size, budget)
+    trainer = _Trainer(context, quantized, labels, regularizer, reference, attribution_module, world_size, budget,
+                       sharpness)
     monitor = ConvergenceMonitor(budget, quantized.step_vector())
     iterations = 0
     # Train-mode randomness (dropout, if the model has any) is seeded and kept off the caller's generator.
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)
         quantized.model.train()
-        for indices in progress.bar(batches, f"training {'seam' if regularize else 'limpq'} indicators",
+        for indices in progress.bar(batches, f"training {method} indicators",
                                     total=budget, unit="step"):
             trainer.step(indices, [*quantized.uniform_settings(), quantized.random_setting(context.seed, iterations)])
             iterations += 1
@@ -281,7 +296,8 @@ def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool) 
     scores = scores_from_steps(context.candidates, weight_steps, activation_steps, held=quantized.held)
     return IndicatorResult(scores, weight_steps, activation_steps, weight_rms, activation_rms,
                            time.perf_counter() - clock, iterations, divergence, initial_weight, initial_activation,
-                           monitor.record, tuple(quantized.held))
+                           monitor.record, tuple(quantized.held),
+                           None if sharpness is None else summarize(trainer.sharpness_steps, sharpness))
 
 
 def scores_from_steps(
@@ -498,11 +514,14 @@ def measure_float_model(context: SensitivityContext, quantized: QuantizedCopy, w
 
 
 class _Trainer:
-    """One iteration = one backward per policy, then one clipped SGD step."""
+    """One iteration = one backward per policy, then one clipped SGD step. With `sharpness` (asga)
+    the policies' backward runs again at the perturbed point and the step follows the aligned
+    gradient."""
 
     def __init__(self, context: SensitivityContext, quantized: QuantizedCopy, labels: np.ndarray,
                  regularizer: tuple[MarginRegularizer, np.ndarray] | None, reference: FloatReference,
-                 attribution_module: nn.Module | None, world_size: int, total_steps: int):
+                 attribution_module: nn.Module | None, world_size: int, total_steps: int,
+                 sharpness: SharpnessSettings | None = None):
         self.context = context
         self.quantized = quantized
         self.labels = torch.from_numpy(labels)
@@ -516,24 +535,41 @@ class _Trainer:
                                                                    eta_min=MIN_LEARNING_RATE)
         self.features = _InputCapture(_classifier(context, quantized.model)) if regularizer is not None else None
         self.feature_map = OutputCapture(attribution_module) if attribution_module is not None else None
+        self.sharpness = sharpness
+        self.sharpness_steps: list[SharpnessStep] = []
+        self.steps = {id(q.step) for q in quantized.every_quantizer()}
 
     def step(self, indices: np.ndarray, settings: list[Setting]) -> None:
         inputs = _inputs(self.context, indices, self.quantized.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        for setting in settings:
-            self.quantized.apply(setting)
-            self._loss(inputs, indices).backward()
+        loss = self._backward(inputs, indices, settings)
         for p in self.parameters:
-            if p.grad is None:
-                continue
-            p.grad.clamp_(-GRAD_CLIP_VALUE, GRAD_CLIP_VALUE)
-            if not p.grad.any():
+            if p.grad is not None and not p.grad.any():
                 # As LIMPQ's loop does: a parameter no pass reached (a BatchNorm copy of a bit-width
                 # no layer ran at) sits this iteration out: no momentum, no decay.
                 p.grad = None
+        if self.sharpness is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.sharpness_steps.append(align_gradients(
+                self.parameters, self.steps, self.quantized.model, loss,
+                lambda: self._backward(inputs, indices, settings),
+                self.sharpness.radius(lr, LEARNING_RATE, MIN_LEARNING_RATE), self.sharpness))
+        for p in self.parameters:
+            if p.grad is not None:
+                p.grad.clamp_(-GRAD_CLIP_VALUE, GRAD_CLIP_VALUE)
         self.optimizer.step()
         self.quantized.keep_steps_positive()
         self.schedule.step()
+
+    def _backward(self, inputs: tuple[torch.Tensor, ...], indices: np.ndarray, settings: list[Setting]) -> float:
+        """Backpropagates every setting's loss into .grad; returns their sum."""
+        total = 0.0
+        for setting in settings:
+            self.quantized.apply(setting)
+            loss = self._loss(inputs, indices)
+            loss.backward()
+            total += float(loss.detach())
+        return total
 
     def _loss(self, inputs: tuple[torch.Tensor, ...], indices: np.ndarray) -> torch.Tensor:
         logits = self.parallel(*inputs)

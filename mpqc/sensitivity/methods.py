@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the CLI reads METHODS for --method's choices: keep importin
 METHODS = {
     "seam": ("mpqc.sensitivity.indicators", "seam_scores"),
     "limpq": ("mpqc.sensitivity.indicators", "limpq_scores"),
+    "asga": ("mpqc.sensitivity.indicators", "asga_scores"),
     "hawq": ("mpqc.sensitivity.hawq", "hawq_scores"),
     "qerror": ("mpqc.sensitivity.qerror", "context_scores"),
 }

@@ -2,7 +2,7 @@
 training recipe (SGD, clipping, cosine, weights and switchable BatchNorm trained), the iteration
 budget and the convergence check, the recorded step statistics, the scores' shape and order,
 determinism, the untouched user module, seam's margin terms, the proxy head, the GMPQ attribution
-term, LIMPQ's outlier rule and its fixed first and last layers."""
+term, LIMPQ's outlier rule and its fixed first and last layers, and asga's training."""
 
 import copy
 import dataclasses
@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mpqc.data.mnist import mnist_split
+from mpqc.errors import MpqcError
 from mpqc.passes.analysis import analyze
 from mpqc.sensitivity.batchnorm import SwitchableBatchNorm
 from mpqc.sensitivity.context import SensitivityContext
@@ -39,7 +40,7 @@ from mpqc.sensitivity.indicators import (
 )
 from mpqc.sensitivity.lsq import InputStatistics, LayerQuantizers, LsqQuantizer, lsq_fake_quantize
 from mpqc.sensitivity.margin import compactness_loss, margin_cross_entropy, train_proxy_head
-from mpqc.sensitivity.methods import score_layers
+from mpqc.sensitivity.methods import score_layers, scored_layers
 from mpqc.targets import load_target
 
 SAMPLES = 256
@@ -467,3 +468,24 @@ def test_seam_with_the_gmpq_term_trains(mnist):
 def _float_argmax(context: SensitivityContext) -> np.ndarray:
     with torch.no_grad():
         return context.module(torch.from_numpy(context.feeds["image"])).argmax(dim=1).numpy()
+
+
+# --- asga -----------------------------------------------------------------------------------------
+
+
+def test_asga_trains_records_its_sharpness_and_is_deterministic(mnist):
+    asga = scored_layers("asga", mnist)
+    assert set(asga.scores) == {(layer, p) for layer, names in mnist.candidates.items() for p in names}
+    sharpness = asga.details["sharpness"]
+    assert sharpness["iterations"] == asga.details["iterations"] > 0
+    assert sharpness["surrogate_gap"]["first"] > 0 and -1 <= sharpness["gradient_cosine"]["last"] <= 1
+    assert sharpness["radius"]["first"] > sharpness["radius"]["last"]  # the radius narrows with the learning rate
+    assert scored_layers("asga", mnist).scores == asga.scores  # same seed, same scores
+    limpq = train_indicators(mnist, regularize=False, gmpq=False)
+    assert limpq.sharpness is None and "sharpness" not in limpq.details()
+    assert limpq.scores != asga.scores  # the aligned update trains other steps than plain SGD
+
+
+def test_asga_refuses_an_onnx_file_with_its_own_name(mnist):
+    with pytest.raises(MpqcError, match="--method asga trains on the torch model"):
+        scored_layers("asga", dataclasses.replace(mnist, module=None))
