@@ -92,7 +92,7 @@ def photo_proxies(seed: int, full: int | None) -> list[Proxy]:
     ]
 
 
-PROXIES = {"mnist-cnn": mnist_proxies, "efficientnet-lite0": photo_proxies}
+PROXIES = {"mnist-cnn": mnist_proxies, "mnist-dsnet": mnist_proxies, "efficientnet-lite0": photo_proxies}
 
 
 class Evaluator:

@@ -11,6 +11,7 @@ import types
 
 EXAMPLES = {
     "mnist-cnn": "mpqc.examples.mnist_cnn",
+    "mnist-dsnet": "mpqc.examples.mnist_dsnet",
     "efficientnet-lite0": "mpqc.examples.efficientnet_lite0",
     "minilm": "mpqc.examples.minilm",
 }

@@ -1,6 +1,6 @@
-"""Train the bundled ``mnist-cnn`` example on the fixed 4,000-digit MNIST train split.
+"""Train the bundled ``mnist-cnn`` (or ``mnist-dsnet``) example on the fixed 4,000-digit MNIST train split.
 
-    python -m mpqc.examples.train_mnist_cnn --out mpqc/examples/weights/mnist_cnn.safetensors
+    python -m mpqc.examples.train_mnist_cnn [--model mnist-dsnet] [--out mpqc/examples/weights/mnist_cnn.safetensors]
 
 Deterministic for a given seed and thread count: all randomness (init, shuffling,
 augmentation) comes from seeded torch generators, deterministic algorithms are
@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from mpqc.data.mnist import MNIST_MEAN, MNIST_STD, mnist_split, split_sha256
-from mpqc.examples.mnist_cnn import NAME, WEIGHTS_PATH, MnistCNN
+from mpqc.examples import mnist_cnn, mnist_dsnet
+
+# name -> (model class, default weights path)
+MODELS = {mnist_cnn.NAME: (mnist_cnn.MnistCNN, mnist_cnn.WEIGHTS_PATH),
+          mnist_dsnet.NAME: (mnist_dsnet.MnistDSNet, mnist_dsnet.WEIGHTS_PATH)}
 
 RECIPE = {
     "optimizer": "SGD(momentum=0.9, nesterov=True)",
@@ -84,7 +88,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(epochs: int, seed: int, threads: int) -> tuple[MnistCNN, dict]:
+def train(epochs: int, seed: int, threads: int, name: str = mnist_cnn.NAME) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads)
@@ -92,9 +96,9 @@ def train(epochs: int, seed: int, threads: int) -> tuple[MnistCNN, dict]:
     x_train, y_train = (torch.from_numpy(a) for a in mnist_split("train"))
     x_test, y_test = (torch.from_numpy(a) for a in mnist_split("test"))
 
-    model = MnistCNN()
+    model = MODELS[name][0]()
     params = sum(p.numel() for p in model.parameters())
-    print(f"{NAME}: {params} parameters, {len(x_train)} train / {len(x_test)} test digits")
+    print(f"{name}: {params} parameters, {len(x_train)} train / {len(x_test)} test digits")
 
     # No weight decay on BN affine parameters and biases.
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -143,7 +147,7 @@ def train(epochs: int, seed: int, threads: int) -> tuple[MnistCNN, dict]:
 
     model.eval()
     record = {
-        "model": NAME,
+        "model": name,
         "parameters": params,
         "seed": seed,
         "epochs": epochs,
@@ -161,7 +165,7 @@ def train(epochs: int, seed: int, threads: int) -> tuple[MnistCNN, dict]:
     return model, record
 
 
-def save(model: MnistCNN, record: dict, out: Path) -> Path:
+def save(model: torch.nn.Module, record: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if out.suffix == ".safetensors":
@@ -179,19 +183,21 @@ def save(model: MnistCNN, record: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="weights path (.safetensors or .pt)")
+    parser.add_argument("--model", choices=sorted(MODELS), default=mnist_cnn.NAME)
+    parser.add_argument("--out", type=Path, help="weights path (.safetensors or .pt; default: the example's own)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (fixed for reproducibility)")
     args = parser.parse_args(argv)
 
-    model, record = train(args.epochs, args.seed, args.threads)
-    record_path = save(model, record, args.out)
+    model, record = train(args.epochs, args.seed, args.threads, args.model)
+    out = args.out or MODELS[args.model][1]
+    record_path = save(model, record, out)
     print(
         f"final train {100 * record['final_train_accuracy']:.2f}%  "
         f"test {100 * record['final_test_accuracy']:.2f}%  in {record['train_seconds']}s"
     )
-    print(f"wrote {args.out} and {record_path}")
+    print(f"wrote {out} and {record_path}")
 
 
 if __name__ == "__main__":
