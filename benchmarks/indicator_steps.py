@@ -82,8 +82,7 @@ def main() -> int:
                            "samples": len(next(iter(proxies[name].feeds.values())))} for name in args.proxies},
         "seed": args.seed,
         "torch_threads": torch.get_num_threads(),
-        "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
-        else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
+        "metric": evaluate.description,
         **provenance(),
         "complete": False,  # true once every run asked for is in; a run cut short keeps what it measured
         "results": [],

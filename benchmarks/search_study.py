@@ -91,8 +91,7 @@ def main() -> int:
         "benchmark": "search_study",
         "model": args.model,
         "target": target.name,
-        "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
-        else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
+        "metric": evaluate.description,
         "float_metric": evaluate.metric(evaluate.reference),
         **provenance(),
         "settings": {"seeds": args.seeds, "variants": {v: VARIANTS[v][0] + "".join(f" {k}={x}" for k, x in VARIANTS[v][1].items())

@@ -106,6 +106,12 @@ class Evaluator:
         self.timing_feeds = first_batch(self.eval_feeds, 1)
         self.seen: dict[tuple, dict] = {}
 
+    @property
+    def description(self) -> str:
+        """What metric() measures."""
+        return ("top-1 accuracy (%) on the MNIST test split" if self.labels is not None
+                else "top-1 agreement with FP32 (%) on crops of the held-out photographs")
+
     def metric(self, outputs: np.ndarray) -> float:
         """Top-1 accuracy (%) where there are labels, else top-1 agreement with FP32 (%)."""
         if self.labels is not None:
@@ -251,8 +257,7 @@ def main() -> int:
         "benchmark": "transfer",
         "model": args.model,
         "target": target.name,
-        "metric": "top-1 accuracy (%) on the MNIST test split" if evaluate.labels is not None
-        else "top-1 agreement with FP32 (%) on crops of the held-out photographs",
+        "metric": evaluate.description,
         "float_metric": evaluate.metric(evaluate.reference),
         **provenance(),
         "settings": {"seeds": args.seeds, "methods": args.methods, "epochs": args.epochs, "random_per_budget_and_seed": args.random,
