@@ -127,6 +127,7 @@ def main() -> int:
                         "variant": variant, "proxy": proxy.name, "seed": seed, "point": point, "budget": budget,
                         "scoring_s": scoring_s, "load_average_before": load,
                         "iterations": scored.details.get("iterations"), "converged": convergence.get("converged"),
+                        "spearman_with_initial": _step_correlations(scored.details),
                         **sweeps.describe(assignments), **_measured(evaluate(assignments)), "assignments": assignments})
                 print(f"seed {seed} {proxy.name:<5} {variant:<13} {scoring_s:7.1f} s: "
                       + ", ".join(f"{r['metric']:.1f}" for r in record["runs"][-len(budgets):]), flush=True)
@@ -145,6 +146,17 @@ def main() -> int:
     print(json.dumps({k: v for k, v in record["summary"].items() if k != "cells"}, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def _step_correlations(details: dict) -> dict | None:
+    """A trained variant's Spearman correlations between learned and initial steps (per kind and
+    bit-width, and for the weight step gaps): how much the training changed the indicators' order."""
+    steps = details.get("steps")
+    if not steps:
+        return None
+    found = {f"{kind} {bits}": row["spearman_with_initial"] for kind in ("weight", "activation")
+             for bits, row in steps.get(kind, {}).items()}
+    return found | {f"weight gap {pair}": rho for pair, rho in steps.get("weight_gap_spearman_with_initial", {}).items()}
 
 
 def _measured(result: dict) -> dict:
@@ -216,7 +228,8 @@ def summarize(runs: list[dict], randoms: list[dict], variants, points: int) -> d
             cost[variant] = {"scoring_s_mean": float(np.mean([r["scoring_s"] for r in members])),
                              "scoring_s_max": float(max(r["scoring_s"] for r in members)),
                              "iterations": [r["iterations"] for r in members],
-                             "converged": [r["converged"] for r in members]}
+                             "converged": [r["converged"] for r in members],
+                             "spearman_with_initial": [r.get("spearman_with_initial") for r in members]}
     return {"cells": cells, "paired_differences_points": versus, "seam_terms_ablation": ablation, "cost": cost,
             "random_metric_mean": float(np.mean([r["metric"] for r in randoms])) if randoms else None}
 
