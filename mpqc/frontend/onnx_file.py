@@ -45,6 +45,7 @@ def read_onnx_file(path: str | pathlib.Path) -> onnx.ModelProto:
 def prepare(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
     """Validate, upgrade to opset >= 21 and run shape inference."""
     check_valid(model, origin)
+    _open_negative_dims(model)
     opset = _default_opset(model, origin)
     if 0 < opset < MIN_OPSET:  # 0: no default-domain ops, nothing to convert
         try:
@@ -90,6 +91,18 @@ def _tensor_unlike_its_shape(model: onnx.ModelProto) -> str | None:
         except Exception:  # ValueError on a reshape, or an unknown data type
             return tensor.name
     return None
+
+
+def _open_negative_dims(model: onnx.ModelProto) -> None:
+    """A dimension written as -1 (older TensorFlow and Keras converters mean "any size" by it; the
+    checker lets it through) becomes a named open dimension, which is how ONNX says that."""
+    graph = model.graph
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = f"{info.name}_dim{axis}"
 
 
 def _too_large(origin) -> str:

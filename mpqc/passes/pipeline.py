@@ -12,12 +12,14 @@ from mpqc.frontend.messages import first_line
 from mpqc.frontend.torch_export import MODULE_MAP_KEY
 from mpqc.passes.check_weights import CheckWeightsPass
 from mpqc.passes.fold_batchnorm import FoldBatchNormPass
+from mpqc.passes.fold_weight_casts import FoldWeightCastsPass
 from mpqc.passes.lift_constants import LiftConstantWeightsPass
 
 
 def canonical_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
         LiftConstantWeightsPass(),  # first: the passes after it read weights as initializers
+        FoldWeightCastsPass(),  # Cast/Identity of an initializer: a weight too
         CheckWeightsPass(),  # before folding, so a refusal names the model's own tensor
         FoldBatchNormPass(),
         common.RemoveUnusedNodesPass(),

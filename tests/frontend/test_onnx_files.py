@@ -294,6 +294,57 @@ def test_models_whose_layers_hold_initializers_keep_their_constant_nodes():
     assert set(canonical.graph.initializers) == {"w", "b"}
 
 
+def _weights_behind_casts() -> onnx.ModelProto:
+    """A float16-stored conv weight read through Cast, a bias through Identity, a MatMul weight
+    through Identity(Cast(...))."""
+    half = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float16), "w16")
+    fc = numpy_helper.from_array(np.random.default_rng(2).standard_normal((16, 2)).astype(np.float16), "fw16")
+    nodes = [
+        helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+        helper.make_node("Identity", ["b0"], ["b"]),
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+        helper.make_node("Reshape", ["c", "shape"], ["f"]),
+        helper.make_node("Cast", ["fw16"], ["fw32"], to=TensorProto.FLOAT),
+        helper.make_node("Identity", ["fw32"], ["fw"]),
+        helper.make_node("MatMul", ["f", "fw"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                              [half, fc, _tensor("b0", (4,), 1), numpy_helper.from_array(np.array([-1, 16], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_weights_behind_cast_and_identity_are_layers_and_keep_their_values(tmp_path, capsys):
+    model = _weights_behind_casts()
+    path = _save(model, tmp_path / "half.onnx")
+    assert _layers(capsys, path) == ["conv", "fc"]
+    canonical = canonicalize(model)
+    assert not [n for n in canonical.graph if n.op_type in ("Cast", "Identity")]  # nothing reads them any more
+    conv = next(n for n in canonical.graph if n.op_type == "Conv")
+    np.testing.assert_array_equal(conv.inputs[1].const_value.numpy(),
+                                  numpy_helper.to_array(model.graph.initializer[0]).astype(np.float32))
+    np.savez(tmp_path / "proxy.npz", x=np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32))
+    assert main(["build", path, "--proxy", str(tmp_path / "proxy.npz"), "--no-measure", "--out", str(tmp_path / "out")]) == 0
+
+
+def test_a_weight_behind_a_cast_to_an_integer_is_not_a_layer(capsys, tmp_path):
+    model = _weights_behind_casts()
+    model.graph.node[0].attribute[0].i = TensorProto.INT32
+    model.graph.node.insert(1, helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT))
+    model.graph.node[3].input[1] = "wf"
+    assert _layers(capsys, _save(model, tmp_path / "m.onnx")) == ["fc"]
+
+
+def test_dimensions_written_as_minus_one_are_open(tmp_path, capsys):
+    model = _conv_model(input_shape=(1, 3, -1, -1))
+    path = _save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "proxy.npz", x=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main(["build", path, "--proxy", str(tmp_path / "proxy.npz"), "--no-measure", "--out", str(out)]) == 0
+    dims = onnx.load(out / "model.qdq.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[:2]] == [1, 3] and [d.dim_param for d in dims[2:]] == ["x_dim2", "x_dim3"]
+
+
 # -- 5. external data -------------------------------------------------------------------------
 
 
