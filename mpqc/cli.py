@@ -31,6 +31,7 @@ def _build_options(args, policy: str):
         iterations=args.iterations,
         epochs=args.epochs,
         gmpq=args.gmpq,
+        seam_terms=None if args.seam_terms is None else tuple(args.seam_terms),
         budget_ms=args.budget_ms,
         budget_speedup=args.budget_speedup,
         budget_bitops=args.budget_bitops,
@@ -294,6 +295,9 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"indicator training iterations (seam, limpq, asga; default {INDICATOR_ITERATIONS}, whatever the proxy's size)")
     parser.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes over the proxy data instead of --iterations")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
+    parser.add_argument("--seam-terms", nargs=3, type=_float_range(0.0, 1e6), metavar=("MARGIN", "COMPACTNESS", "MARGIN_WEIGHT"),
+                        help="seam's margin (nats) and the weights of its compactness and margin-softmax terms "
+                             "(default 1 1 1; MARGIN 0 0 trains without them, limpq's loss)")
     parser.add_argument("--budget-ms", type=_float_range(0.0, 1e9, low_open=True), help="latency budget on the target, from its measured table")
     parser.add_argument("--budget-speedup", type=_float_range(0.0, 1000.0, low_open=True),
                         help="latency budget as a speed-up over the FP32 model measured on this machine (e.g. 1.3)")

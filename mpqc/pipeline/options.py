@@ -14,7 +14,8 @@ from mpqc.lower.lowering import CalibrationSettings
 from mpqc.search.problem import Budgets
 
 # Options only `--policy search` reads, with the flag that sets each (for the error that names it).
-SEARCH_ONLY = {"method": "--method", "iterations": "--iterations", "epochs": "--epochs", "gmpq": "--gmpq", "budget_ms": "--budget-ms",
+SEARCH_ONLY = {"method": "--method", "iterations": "--iterations", "epochs": "--epochs", "gmpq": "--gmpq",
+               "seam_terms": "--seam-terms", "budget_ms": "--budget-ms",
                "budget_speedup": "--budget-speedup", "budget_bitops": "--budget-bitops",
                "budget_bytes": "--budget-bytes", "pareto": "--pareto"}
 
@@ -38,6 +39,7 @@ class BuildOptions:
     iterations: int | None = None
     epochs: int | None = None
     gmpq: bool = False  # add the attribution-imitation term to indicator training
+    seam_terms: tuple[float, float, float] | None = None  # seam's (margin, compactness, margin weight); None: SEAM_TERMS
     budget_ms: float | None = None
     budget_speedup: float | None = None  # a latency budget of the measured FP32 latency / this
     budget_bitops: float | None = None
@@ -69,6 +71,9 @@ class BuildOptions:
             raise MpqcError("--budget-speedup is relative to the FP32 latency measured on this machine: drop --no-measure")
         if self.iterations is not None and self.epochs is not None:
             raise MpqcError("--iterations and --epochs both set how long indicators train: give one")
+        if self.seam_terms is not None and self.method != "seam":
+            raise MpqcError(f"--seam-terms sets SEAM's terms, and the method is '{self.method or 'qerror'}': "
+                            "drop it, or pass --method seam")
         if self.searches:
             return
         given = self.search_only_flags_given()

@@ -19,7 +19,7 @@ from mpqc.pipeline.options import BuildOptions
 from mpqc.search import cache
 from mpqc.search.problem import PARETO_RESOURCES, SearchProblem
 from mpqc.sensitivity.context import SensitivityContext, settings_of
-from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
+from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS, SEAM_TERMS
 from mpqc.sensitivity.methods import DEFAULT_METHOD, Scored, check_method, scored_layers
 from mpqc.targets import Target
 
@@ -93,6 +93,7 @@ def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, 
         # Bundled examples say what their output is; other models are taken for classifiers.
         classifier=getattr(example, "CLASSIFIER", True),
         seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
+        seam_terms=SEAM_TERMS if options.seam_terms is None else tuple(options.seam_terms),
         iterations=INDICATOR_ITERATIONS if options.iterations is None else options.iterations,
     )
 

@@ -18,7 +18,7 @@ import onnx
 
 from mpqc.errors import MpqcError
 from mpqc.passes.layers import Layer
-from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS
+from mpqc.sensitivity.defaults import INDICATOR_ITERATIONS, SEAM_TERMS
 from mpqc.targets import Target
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class SensitivityContext:
     epochs: int | None = None
     batch_size: int = 32
     gmpq: bool = False  # add the attribution-imitation (Grad-CAM) term to indicator training
+    seam_terms: tuple[float, float, float] = SEAM_TERMS  # seam's (margin, compactness weight, margin weight)
     # LIMPQ fixes the first and last layer at 8 bits and does not search them. True: indicator
     # training holds them at their 8-bit candidate and their narrower candidates score
     # prohibitively; False: they train and are searched like every other layer.

@@ -242,7 +242,9 @@ def limpq_scores(context: SensitivityContext) -> Scored:
 
 def seam_scores(context: SensitivityContext) -> Scored:
     result = train_indicators(context, regularize=True, gmpq=context.gmpq)
-    return Scored(result.scores, result.details())
+    margin, compactness, margin_weight = context.seam_terms
+    terms = {"margin": margin, "compactness_weight": compactness, "margin_weight": margin_weight}
+    return Scored(result.scores, result.details() | {"seam_terms": terms})
 
 
 def asga_scores(context: SensitivityContext) -> Scored:
@@ -606,8 +608,10 @@ def _supervision(context: SensitivityContext, reference: FloatReference,
         return labels, None
     if given is not None and not context.labels_match_model:
         other = given.astype(np.int64)
-        return labels, (MarginRegularizer.fit(reference.features, other, int(other.max()) + 1, proxy_head=True), other)
-    return labels, (MarginRegularizer.fit(reference.features, labels, reference.classes, proxy_head=False), labels)
+        return labels, (MarginRegularizer.fit(reference.features, other, int(other.max()) + 1, proxy_head=True,
+                                              terms=context.seam_terms), other)
+    return labels, (MarginRegularizer.fit(reference.features, labels, reference.classes, proxy_head=False,
+                                          terms=context.seam_terms), labels)
 
 
 class _InputCapture:

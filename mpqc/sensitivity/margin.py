@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MARGIN = 1.0
-COMPACTNESS_WEIGHT = 1.0
-MARGIN_WEIGHT = 1.0
+from mpqc.sensitivity.defaults import SEAM_TERMS
+
+MARGIN = SEAM_TERMS[0]
 HEAD_STEPS = 200  # full-batch Adam steps: a linear head on a few hundred cached features is cheap
 HEAD_LR = 1e-2
 
@@ -91,16 +91,23 @@ class MarginRegularizer:
     centres: torch.Tensor  # (classes, D) float class means over the proxy
     feature_scale: float  # the float features' mean squared norm
     head: nn.Linear | None = None  # the proxy head, when the labels are not the model's classes
+    terms: tuple[float, float, float] = SEAM_TERMS  # (margin m, compactness weight, margin-softmax weight)
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, classes: int, proxy_head: bool) -> "MarginRegularizer":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, classes: int, proxy_head: bool,
+            terms: tuple[float, float, float] = SEAM_TERMS) -> "MarginRegularizer":
         g = torch.from_numpy(features).float()
         y = torch.from_numpy(labels).long()
         head = train_proxy_head(g, y, classes) if proxy_head else None
-        return cls(class_means(g, y, classes), float(g.pow(2).sum(dim=1).mean()), head)
+        return cls(class_means(g, y, classes), float(g.pow(2).sum(dim=1).mean()), head, tuple(terms))
 
     def __call__(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:
-            logits = self.head(features)
-        compact = compactness_loss(features, labels, self.centres, self.feature_scale)
-        return COMPACTNESS_WEIGHT * compact + MARGIN_WEIGHT * margin_cross_entropy(logits, labels)
+        margin, compactness_weight, margin_weight = self.terms
+        loss = torch.zeros((), dtype=logits.dtype)
+        if compactness_weight:
+            loss = loss + compactness_weight * compactness_loss(features, labels, self.centres, self.feature_scale)
+        if margin_weight:
+            if self.head is not None:
+                logits = self.head(features)
+            loss = loss + margin_weight * margin_cross_entropy(logits, labels, margin)
+        return loss

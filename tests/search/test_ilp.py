@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mpqc.costmodel.latency import LatencyModel, bitops_and_size
 from mpqc.errors import MpqcError
 from mpqc.passes.signatures import Signature
-from mpqc.costmodel.latency import LatencyModel, bitops_and_size
 from mpqc.search.ilp import BudgetInfeasible, pareto, smallest, solve
 
 POOL = ("fp32", "w8a8", "w4a8", "w4a16")  # w4a16 and fp32 keep activations float

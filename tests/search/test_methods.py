@@ -87,3 +87,13 @@ def test_a_trained_method_records_its_iterations_convergence_and_step_movement(t
 def test_iterations_and_epochs_together_are_one_line(tmp_path, capsys):
     code, err = _build(capsys, tmp_path, "--method", "limpq", "--iterations", "5")
     assert code == 2 and "--iterations and --epochs both set how long indicators train" in err
+
+
+def test_seam_terms_need_the_seam_method_and_are_recorded(tmp_path, capsys):
+    code, err = _build(capsys, tmp_path, "--method", "limpq", "--seam-terms", "1", "0", "0")
+    assert code == 2 and "--seam-terms sets SEAM's terms, and the method is 'limpq'" in err and err.count("\n") == 1
+    code, err = _build(capsys, tmp_path, "--method", "seam", "--seam-terms", "1", "-1", "0")
+    assert code == 2 and "outside" in err
+    code, record = _build(capsys, tmp_path, "--method", "seam", "--seam-terms", "0.5", "2", "0")
+    assert code == 0
+    assert record["search"]["scoring"]["seam_terms"] == {"margin": 0.5, "compactness_weight": 2.0, "margin_weight": 0.0}

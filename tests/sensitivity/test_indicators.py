@@ -39,7 +39,7 @@ from mpqc.sensitivity.indicators import (
     unreliable_bits,
 )
 from mpqc.sensitivity.lsq import InputStatistics, LayerQuantizers, LsqQuantizer, lsq_fake_quantize
-from mpqc.sensitivity.margin import compactness_loss, margin_cross_entropy, train_proxy_head
+from mpqc.sensitivity.margin import MarginRegularizer, compactness_loss, margin_cross_entropy, train_proxy_head
 from mpqc.sensitivity.methods import score_layers, scored_layers
 from mpqc.targets import load_target
 
@@ -430,6 +430,24 @@ def test_proxy_head_fits_its_labels():
     head = train_proxy_head(features, labels, 3)
     assert float((head(features).argmax(dim=1) == labels).float().mean()) > 0.95
     assert not any(p.requires_grad for p in head.parameters())
+
+
+def test_seam_terms_are_weighted_as_set_and_off_without_weights():
+    torch.manual_seed(0)
+    features, logits, labels = torch.randn(16, 6), torch.randn(16, 3) * 2, torch.randint(0, 3, (16,))
+    regularizer = MarginRegularizer.fit(features.numpy(), labels.numpy(), 3, proxy_head=False)
+    compact = compactness_loss(features, labels, regularizer.centres, regularizer.feature_scale)
+    assert float(regularizer(features, logits, labels)) == pytest.approx(float(compact + margin_cross_entropy(logits, labels, 1.0)))
+    weighted = dataclasses.replace(regularizer, terms=(2.0, 0.5, 3.0))
+    assert float(weighted(features, logits, labels)) == pytest.approx(
+        float(0.5 * compact + 3.0 * margin_cross_entropy(logits, labels, 2.0)))
+    assert float(dataclasses.replace(regularizer, terms=(1.0, 0.0, 0.0))(features, logits, labels)) == 0.0
+
+
+def test_seam_without_its_terms_is_limpq(mnist, limpq):
+    ablated = score_layers("seam", dataclasses.replace(mnist, seam_terms=(1.0, 0.0, 0.0)))
+    assert ablated == limpq[0].scores  # same seed, same batches, same loss
+    assert scored_layers("seam", mnist).details["seam_terms"] == {"margin": 1.0, "compactness_weight": 1.0, "margin_weight": 1.0}
 
 
 def test_seam_with_labels_of_other_classes_trains_a_proxy_head(mnist):
