@@ -8,14 +8,17 @@ import pathlib
 
 import numpy as np
 
+from mpqc.backends.base import backend_for
 from mpqc.costmodel.fit import latency_model
 from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.table import LatencyTable
 from mpqc.data.feeds import feeds_sha256
 from mpqc.errors import MpqcError
+from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import Analysis, at_data_sizes
 from mpqc.passes.signatures import layer_signature
 from mpqc.pipeline.options import BuildOptions
+from mpqc.policy import Policy
 from mpqc.search import cache
 from mpqc.search.problem import PARETO_RESOURCES, SearchProblem
 from mpqc.sensitivity.context import SensitivityContext, settings_of
@@ -95,7 +98,27 @@ def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, 
         seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
         seam_terms=SEAM_TERMS if options.seam_terms is None else tuple(options.seam_terms),
         iterations=INDICATOR_ITERATIONS if options.iterations is None else options.iterations,
+        run_policy=_policy_runner(analysis, target, feeds, options),
+        calibration=repr(options.calibration_settings()),
     )
+
+
+OUTPUT_SAMPLES = 32  # proxy samples the `output` method runs each lowered model on
+
+
+def _policy_runner(analysis: Analysis, target: Target, feeds, options: BuildOptions):
+    """{layer: precision} (the rest float) -> the lowered model's first output on the first
+    OUTPUT_SAMPLES proxy samples; calibrated on the whole proxy once, on first use."""
+    lowering = []
+    samples = {name: array[:OUTPUT_SAMPLES] for name, array in feeds.items()}
+
+    def run(chosen) -> np.ndarray:
+        if not lowering:
+            lowering.append(Lowering.prepare(analysis, target, feeds, options.calibration_settings()))
+        policy = Policy(tuple((layer.name, chosen.get(layer.name, "fp32")) for layer in analysis.layers), "output probe")
+        return backend_for(target).load(lowering[0].lower(policy), target).run_batched(samples)
+
+    return run
 
 
 def cached_scores(analysis: Analysis, context: SensitivityContext, method: str,

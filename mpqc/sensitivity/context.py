@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +59,11 @@ class SensitivityContext:
     # training holds them at their 8-bit candidate and their narrower candidates score
     # prohibitively; False: they train and are searched like every other layer.
     fixed_ends: bool = False
+    # `output`: runs the model lowered with {layer: precision} (every other layer float) on the
+    # proxy samples and returns its first output; the pipeline supplies it. `calibration` names
+    # the lowering's calibration, which those outputs depend on.
+    run_policy: "Callable[[Mapping[str, str]], np.ndarray] | None" = None
+    calibration: str = ""
 
     def indicator_iterations(self) -> int:
         """The iteration budget of indicator training: `iterations`, or `epochs` passes over the proxy."""
@@ -115,7 +120,7 @@ class SensitivityContext:
 # The context's data: the score cache keys them by their hashes (model, proxy feeds, target lowering,
 # candidates) or by what they are derived from (the module is the model's source). Every other
 # field is a setting, and settings_of() puts all of them in the cache key.
-DATA_FIELDS = ("float_model", "layers", "candidates", "target", "feeds", "input_names", "module", "labels")
+DATA_FIELDS = ("float_model", "layers", "candidates", "target", "feeds", "input_names", "module", "labels", "run_policy")
 
 
 def settings_of(context: SensitivityContext) -> dict:

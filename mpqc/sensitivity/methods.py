@@ -18,6 +18,7 @@ METHODS = {
     "asga": ("mpqc.sensitivity.indicators", "asga_scores"),
     "hawq": ("mpqc.sensitivity.hawq", "hawq_scores"),
     "qerror": ("mpqc.sensitivity.qerror", "context_scores"),
+    "output": ("mpqc.sensitivity.output", "output_scores"),
 }
 # qerror: the best measured ranking per second of search (benchmarks/search_validation.py: on
 # EfficientNet-Lite0 its predicted loss ranks 100 random policies' measured error with Kendall tau

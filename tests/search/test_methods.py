@@ -19,7 +19,7 @@ def _build(capsys, tmp_path, *extra) -> tuple[int, dict | str]:
     return code, (json.loads(captured.out)["build"] if code == 0 else captured.err)
 
 
-@pytest.mark.parametrize("method", ["seam", "limpq", "asga", "hawq", "qerror"])
+@pytest.mark.parametrize("method", ["seam", "limpq", "asga", "hawq", "qerror", "output"])
 def test_each_method_builds_a_mixed_policy_within_the_budget(method, tmp_path, capsys):
     code, record = _build(capsys, tmp_path, "--method", method)
     assert code == 0
