@@ -290,7 +290,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     from mpqc.sensitivity.methods import METHODS
 
     parser.add_argument("--method", choices=list(METHODS),
-                        help="sensitivity for --policy search (default: qerror)")
+                        help="sensitivity for --policy search (default: output)")
     parser.add_argument("--iterations", type=_int_range(0, 1_000_000),
                         help=f"indicator training iterations (seam, limpq, asga; default {INDICATOR_ITERATIONS}, whatever the proxy's size)")
     parser.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes over the proxy data instead of --iterations")

@@ -33,7 +33,7 @@ class BuildOptions:
     evaluate_only: bool = False  # allow precisions the target can only evaluate, not deploy
     bias_correction: bool = True
     # --policy search: the ILP chooses per layer under these budgets (any combination).
-    method: str | None = None  # sensitivity method; None: DEFAULT_METHOD (qerror)
+    method: str | None = None  # sensitivity method; None: DEFAULT_METHOD (output)
     # Indicator training (limpq, seam): an iteration budget (None: INDICATOR_ITERATIONS), or passes
     # over the proxy data where `epochs` is given instead.
     iterations: int | None = None
@@ -72,7 +72,7 @@ class BuildOptions:
         if self.iterations is not None and self.epochs is not None:
             raise MpqcError("--iterations and --epochs both set how long indicators train: give one")
         if self.seam_terms is not None and self.method != "seam":
-            raise MpqcError(f"--seam-terms sets SEAM's terms, and the method is '{self.method or 'qerror'}': "
+            raise MpqcError(f"--seam-terms sets SEAM's terms, and the method is '{self.method or 'output'}': "
                             "drop it, or pass --method seam")
         if self.searches:
             return

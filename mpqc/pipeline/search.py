@@ -28,7 +28,7 @@ from mpqc.targets import Target
 
 
 def resolve_method(method: str | None, module, classifier: bool) -> str:
-    """The method asked for, else DEFAULT_METHOD (qerror, which needs neither a torch module nor
+    """The method asked for, else DEFAULT_METHOD (output, which needs neither a torch module nor
     class scores)."""
     if method is not None:
         check_method(method)
@@ -111,12 +111,15 @@ def _policy_runner(analysis: Analysis, target: Target, feeds, options: BuildOpti
     OUTPUT_SAMPLES proxy samples; calibrated on the whole proxy once, on first use."""
     lowering = []
     samples = {name: array[:OUTPUT_SAMPLES] for name, array in feeds.items()}
+    backend = backend_for(target)
+    # Lowered for the target, run where its numbers are computed here (as a build measures fidelity).
+    runs_on = target if backend.measures_latency else backend.numerics_target(target)
 
     def run(chosen) -> np.ndarray:
         if not lowering:
             lowering.append(Lowering.prepare(analysis, target, feeds, options.calibration_settings()))
         policy = Policy(tuple((layer.name, chosen.get(layer.name, "fp32")) for layer in analysis.layers), "output probe")
-        return backend_for(target).load(lowering[0].lower(policy), target).run_batched(samples)
+        return backend_for(runs_on).load(lowering[0].lower(policy), runs_on).run_batched(samples)
 
     return run
 

@@ -80,7 +80,7 @@ class SensitivityContext:
         if self.module is None:
             raise MpqcError(
                 f"--method {method} trains on the torch model, and this model came from an .onnx file: "
-                "pass the model as package.module:factory (or a bundled example), or use --method qerror"
+                "pass the model as package.module:factory (or a bundled example), or use --method output (the default) or qerror"
             )
         return self.module
 

@@ -96,7 +96,7 @@ def test_build_with_a_latency_budget_searches_and_reports_it(tinynet, tmp_path, 
     fastest = _json(capsys, "build", spec, *common, "--policy", "search", "--budget-ms", "1000", "--out", str(tmp_path / "a"),
                     "--runs", "5")["build"]
     search = fastest["search"]
-    assert search["method"] == "qerror" and search["budgets"]["ms"] == 1000  # the default method
+    assert search["method"] == "output" and search["budgets"]["ms"] == 1000  # the default method
     # A generous budget leaves every layer at its least lossy precision: fp32.
     assert fastest["policy"]["counts"] == {"fp32": 4}
     assert search["predicted_ms"] > 0 and search["budget_met"] in (True, False)

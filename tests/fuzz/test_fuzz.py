@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

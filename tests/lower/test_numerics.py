@@ -2,7 +2,6 @@
 
 import ml_dtypes
 import numpy as np
-import onnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays

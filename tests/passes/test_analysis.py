@@ -2,8 +2,8 @@
 
 import torch
 
-from mpqc.passes.analysis import analyze
 from mpqc.frontend.torch_export import module_map
+from mpqc.passes.analysis import analyze
 from mpqc.targets import load_target
 
 

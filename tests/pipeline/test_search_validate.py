@@ -51,5 +51,5 @@ def test_every_method_refused_is_one_line_and_writes_nothing(tinynet_onnx, tmp_p
     assert main(["search", "validate", model, "--proxy", proxy, "--method", "seam", "--policies", "4",
                  "--no-cache", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mpqc: error:") and err.count("\n") == 1 and "--method qerror" in err
+    assert err.startswith("mpqc: error:") and err.count("\n") == 1 and "--method output" in err
     assert not out.exists()

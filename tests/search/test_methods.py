@@ -35,9 +35,9 @@ def test_each_method_builds_a_mixed_policy_within_the_budget(method, tmp_path, c
         assert 0 <= hutchinson["estimates_within_tolerance"] <= hutchinson["estimates"]
 
 
-def test_qerror_is_the_default_method(tmp_path, capsys):
+def test_output_is_the_default_method(tmp_path, capsys):
     code, record = _build(capsys, tmp_path)
-    assert code == 0 and record["search"]["method"] == "qerror"
+    assert code == 0 and record["search"]["method"] == "output"
 
 
 def test_the_same_seed_gives_the_same_policy(tmp_path, capsys):
@@ -54,16 +54,16 @@ def test_a_trained_method_on_an_onnx_file_says_what_to_do(tinynet_onnx, tmp_path
                  "--no-measure", "--no-cache", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "--method seam trains on the torch model" in err and "--method qerror" in err
+    assert "--method seam trains on the torch model" in err and "--method output" in err
     assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_an_onnx_file_defaults_to_qerror(tinynet_onnx, tmp_path, capsys):
+def test_an_onnx_file_defaults_to_output(tinynet_onnx, tmp_path, capsys):
     model, proxy = tinynet_onnx
     assert main(["build", model, "--proxy", proxy, "--policy", "search", "--budget-bytes", "6000", "--no-measure",
                  "--no-cache", "--out", str(tmp_path / "out"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["build"]["search"]["method"] == "qerror"
+    assert json.loads(capsys.readouterr().out)["build"]["search"]["method"] == "output"
 
 
 def test_a_trained_method_records_its_iterations_convergence_and_step_movement(tmp_path, capsys):
