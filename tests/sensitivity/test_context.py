@@ -27,7 +27,8 @@ def test_every_field_but_the_data_is_a_setting_of_the_key():
 def test_changing_any_setting_changes_the_key():
     base = _context()
     changed = {"labels_match_model": False, "classifier": False, "seed": 1, "iterations": 50, "epochs": 4,
-               "batch_size": 16, "gmpq": True, "fixed_ends": True, "labels": np.array([0, 1])}
+               "batch_size": 16, "gmpq": True, "fixed_ends": True, "labels": np.array([0, 1]),
+               "seam_terms": (1.0, 0.0, 0.0), "calibration": "percentile"}
     assert set(changed) >= set(settings_of(base)) - {"labels_sha256"}  # this test covers every setting
     keys = {_key(dataclasses.replace(base, **{name: value})) for name, value in changed.items()}
     assert len(keys | {_key(base)}) == len(changed) + 1
