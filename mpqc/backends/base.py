@@ -77,6 +77,13 @@ BACKENDS = {
 }
 
 
+def runtime_target(target: Target) -> Target:
+    """What runs a target's models on this machine: the target itself, or the runtime that computes
+    its numerics here (as a build measures fidelity)."""
+    backend = backend_for(target)
+    return target if backend.measures_latency else backend.numerics_target(target)
+
+
 def backend_for(target: Target) -> Backend:
     if target.backend not in BACKENDS:
         raise MpqcError(f"target '{target.name}' names backend '{target.backend}'; mpqc knows {', '.join(BACKENDS)}")

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from mpqc import progress
-from mpqc.backends.base import backend_for
+from mpqc.backends.base import backend_for, runtime_target
 from mpqc.bench.layer_outputs import Probed, batches, tensor_errors, with_outputs
 from mpqc.data.feeds import feeds_sha256
 from mpqc.data.proxy import ProxySource, proxy_feeds
@@ -59,7 +59,7 @@ def compare(folder: pathlib.Path, proxy: str | None = None, keep_float: int | No
     policy = resolve_policy(str(folder / "policy.json"), analysis.layers, analysis.ties, target,
                             deployable_only=not options.evaluate_only)
     quantized = [layer for layer in analysis.layers if not policy.precision_of(layer.name).is_float]
-    runtime = _runtime_target(target)
+    runtime = runtime_target(target)
     feeds, data = _comparison_feeds(proxy, analysis, options)
     rows, probe_effect = _layer_rows(analysis, policy, quantized, runtime, build, feeds)
     result = {"build": str(folder), "model": options.model, "target": target.name,
@@ -107,12 +107,6 @@ def _analysis(build: _Build) -> Analysis:
         raise MpqcError(f"model '{spec}' is not the one {build.folder} was built from (its float ONNX differs); "
                         "compare where the build ran, or rebuild")
     return analysis
-
-
-def _runtime_target(target: Target) -> Target:
-    """What runs the models: the target itself, or the runtime that computes its numerics here (as a build measures fidelity)."""
-    backend = backend_for(target)
-    return target if backend.measures_latency else backend.numerics_target(target)
 
 
 def _comparison_feeds(proxy: str | None, analysis: Analysis, options: BuildOptions):

@@ -8,7 +8,7 @@ import pathlib
 
 import numpy as np
 
-from mpqc.backends.base import backend_for
+from mpqc.backends.base import backend_for, runtime_target
 from mpqc.costmodel.fit import latency_model
 from mpqc.costmodel.latency import bitops_and_size
 from mpqc.costmodel.table import LatencyTable
@@ -27,7 +27,7 @@ from mpqc.sensitivity.methods import DEFAULT_METHOD, Scored, check_method, score
 from mpqc.targets import Target
 
 
-def resolve_method(method: str | None, module, classifier: bool) -> str:
+def resolve_method(method: str | None) -> str:
     """The method asked for, else DEFAULT_METHOD (output, which needs neither a torch module nor
     class scores)."""
     if method is not None:
@@ -46,7 +46,7 @@ def candidates_of(analysis: Analysis, target: Target, evaluate_only: bool) -> di
 
 def prepare_search(analysis: Analysis, target: Target, float_model, feeds, options: BuildOptions,
                    labels: np.ndarray | None = None) -> SearchProblem:
-    method = resolve_method(options.method, analysis.loaded.module, getattr(analysis.loaded.example, "CLASSIFIER", True))
+    method = resolve_method(options.method)
     budgets = options.budgets()
     if options.pareto is not None:
         if options.pareto not in PARETO_RESOURCES:
@@ -111,9 +111,7 @@ def _policy_runner(analysis: Analysis, target: Target, feeds, options: BuildOpti
     OUTPUT_SAMPLES proxy samples; calibrated on the whole proxy once, on first use."""
     lowering = []
     samples = {name: array[:OUTPUT_SAMPLES] for name, array in feeds.items()}
-    backend = backend_for(target)
-    # Lowered for the target, run where its numbers are computed here (as a build measures fidelity).
-    runs_on = target if backend.measures_latency else backend.numerics_target(target)
+    runs_on = runtime_target(target)  # lowered for the target, run where its numbers are computed here
 
     def run(chosen) -> np.ndarray:
         if not lowering:
