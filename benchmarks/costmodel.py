@@ -1,9 +1,10 @@
 """How well the measured cost model predicts end-to-end latency, against BitOps, on ONNX Runtime CPU.
 
-For EfficientNet-Lite0 (batch 1) and MiniLM (batch 1, sequence 128): profile from scratch (timed),
-profile again (timed: everything reused), then validate on the uniform policies plus >= 30 random
-mixed ones, with the noise floor of repeated measurements, then search builds at three latency
-budgets (is each met when measured?). Writes
+For EfficientNet-Lite0 (batch 1) and MiniLM (batch 1, sequence 128): profile from scratch (timed;
+a fit refused as unsupported or too noisy is recorded as `fit_refused` and then forced, so the
+validation still judges it, with the reason beside it), profile again (timed: everything reused),
+then validate on the uniform policies plus >= 30 random mixed ones, with the noise floor of
+repeated measurements, then search builds at three latency budgets (is each met when measured?). Writes
 benchmarks/results/costmodel_<model>.json and .png; the latency tables land in the user's measurements
 folder ($MPQC_TABLES/ort-cpu, else ~/.cache/mpqc/tables/ort-cpu).
 
@@ -21,6 +22,7 @@ import time
 from mpqc.bench.latency import first_batch
 from mpqc.costmodel.table import LatencyTable
 from mpqc.data.proxy import proxy_feeds
+from mpqc.errors import MpqcError
 from mpqc.files import write_atomically
 from mpqc.passes.analysis import analyze
 from mpqc.pipeline.build import build
@@ -43,13 +45,23 @@ def run(model: str, policies: int, batch: int = 1, force_fit: bool = False, meth
     feeds = {"calibration": calibration, "timing": timing}
 
     clock = time.perf_counter()
-    first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, force=True, progress=False, force_fit=force_fit)
+    settings = options.calibration_settings()
+    try:
+        first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, settings, options.seed, force=True,
+                        progress=False, force_fit=force_fit)
+        refused = None
+    except MpqcError as error:  # the refusal is a result: recorded, then the fit is forced (and marked so) to validate it anyway
+        refused = str(error)
+        print(f"{model}: the fit was refused: {refused}; validating a forced fit", flush=True)
+        first = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, settings, options.seed,
+                        progress=False, force_fit=True)
     first_s = time.perf_counter() - clock
     clock = time.perf_counter()
     again = profile(analysis, target, LatencyTable.for_target(target), feeds, batch, options.calibration_settings(), options.seed, progress=False)
     again_s = time.perf_counter() - clock
 
     result = validate(analysis, target, LatencyTable.for_target(target), calibration, timing, batch, options.calibration_settings(), policies=policies)
+    result["fit_refused"] = refused
     result["budget_builds"] = budget_builds(model, result, batch, method)
     result["profiling"] = {
         "first_run_s": first_s, "first_run_layers": first["layers"],
@@ -107,6 +119,8 @@ def main() -> int:
             f"{n['repeat_agreement']['within_10pct']:.0%} within ±10%, tau {n['repeat_agreement']['kendall_tau']:.3f}",
             flush=True,
         )
+        for problem in ([f"fit refused: {r['fit_refused']}"] if r["fit_refused"] else []) + r["flagged"]:
+            print(f"{model}: flagged: {problem}", flush=True)
     return 0
 
 
