@@ -8,6 +8,7 @@ Each stage takes and returns plain data. Everything is written to a temporary fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -66,6 +67,9 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         from mpqc.pipeline.search import prepare_search  # the search pulls in torch and scipy
 
         feeds, proxy_origin = proxy_feeds(options.proxy_source(), analysis.loaded)
+        # Calibrated on first use: by the output method's scoring, else after the search (a budget no
+        # policy meets fails before it); the build lowers through the same one.
+        calibrated = functools.cache(lambda: _calibrated(analysis, target, feeds, options, timings))
         clock = time.perf_counter()
         speedup = None
         if options.budget_speedup is not None:
@@ -73,7 +77,7 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
             options = dataclasses.replace(options, budget_ms=speedup["budget_ms"])
         labels = proxy_labels(options.proxy_source(), analysis.loaded, len(next(iter(feeds.values()))))
         with progress.stage("scoring layers for the search"):
-            problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels)
+            problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds, options, labels, calibrated)
         if options.pareto is not None:
             policy, search, front = problem.pareto(options.pareto)
         else:
@@ -85,11 +89,8 @@ def build(options: BuildOptions, out: pathlib.Path | None) -> BuildRecord:
         policy = resolve_policy(options.policy, analysis.layers, analysis.ties, target, deployable_only=not options.evaluate_only)
         needs_data = any(not policy.precision_of(name).is_float for name in policy.as_dict)
         feeds, proxy_origin = (proxy_feeds(options.proxy_source(), analysis.loaded) if needs_data or options.proxy else ({}, None))
-
-    clock = time.perf_counter()
-    with progress.stage("calibrating"):
-        lowering = Lowering.prepare(analysis, target, feeds, options.calibration_settings())
-    timings["calibration_s"] = time.perf_counter() - clock
+        calibrated = functools.cache(lambda: _calibrated(analysis, target, feeds, options, timings))
+    lowering = calibrated()
 
     metric = load_callable(options.metric, "metric", "{name: number}") if options.metric else None
     # A --pareto build lowers a point of the front as it is: re-solving for the budget would leave the front.
@@ -191,6 +192,14 @@ def _speedup_budget(options: BuildOptions, backend: Backend, analysis: Analysis,
 def _timing_batch(loaded, feeds, batch: int) -> dict[str, np.ndarray]:
     """The batch a build times policies on: from the example's held-out set, else the proxy data."""
     return first_batch(loaded.example.eval_feeds()[0] if loaded.example is not None else feeds, batch)
+
+
+def _calibrated(analysis, target, feeds, options: BuildOptions, timings: dict[str, float]) -> Lowering:
+    clock = time.perf_counter()
+    with progress.stage("calibrating"):
+        lowering = Lowering.prepare(analysis, target, feeds, options.calibration_settings())
+    timings["calibration_s"] = time.perf_counter() - clock
+    return lowering
 
 
 def _pareto_files(front: dict) -> dict[str, bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,7 +46,9 @@ def candidates_of(analysis: Analysis, target: Target, evaluate_only: bool) -> di
 
 
 def prepare_search(analysis: Analysis, target: Target, float_model, feeds, options: BuildOptions,
-                   labels: np.ndarray | None = None) -> SearchProblem:
+                   labels: np.ndarray | None = None, lowering: Callable[[], Lowering] | None = None) -> SearchProblem:
+    """`lowering`: the caller's, calibrated on `feeds` with `options`' settings when called (the
+    output method calls it on first use; without it, that method calibrates one of its own)."""
     method = resolve_method(options.method)
     budgets = options.budgets()
     if options.pareto is not None:
@@ -79,7 +82,7 @@ def prepare_search(analysis: Analysis, target: Target, float_model, feeds, optio
     )
     # Whether the budgets can be met depends on no score: say so in milliseconds, not after scoring.
     unscored.pareto(options.pareto) if options.pareto is not None else unscored.solve(budgets.ms)
-    context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels)
+    context = sensitivity_context(analysis, target, float_model, feeds, candidates, options, labels, lowering)
     cache_dir = None if not options.use_cache else (
         pathlib.Path(options.cache_dir) if options.cache_dir is not None else cache.default_dir())
     scored, cached = cached_scores(analysis, context, method, cache_dir)
@@ -87,7 +90,7 @@ def prepare_search(analysis: Analysis, target: Target, float_model, feeds, optio
 
 
 def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, candidates, options: BuildOptions,
-                        labels: np.ndarray | None) -> SensitivityContext:
+                        labels: np.ndarray | None, lowering: Callable[[], Lowering] | None = None) -> SensitivityContext:
     loaded = analysis.loaded
     example = loaded.example
     return SensitivityContext(
@@ -98,7 +101,7 @@ def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, 
         seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
         seam_terms=SEAM_TERMS if options.seam_terms is None else tuple(options.seam_terms),
         iterations=INDICATOR_ITERATIONS if options.iterations is None else options.iterations,
-        run_policy=_policy_runner(analysis, target, feeds, options),
+        run_policy=_policy_runner(analysis, target, feeds, options, lowering),
         calibration=repr(options.calibration_settings()),
     )
 
@@ -106,16 +109,17 @@ def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, 
 OUTPUT_SAMPLES = 32  # proxy samples the `output` method runs each lowered model on
 
 
-def _policy_runner(analysis: Analysis, target: Target, feeds, options: BuildOptions):
+def _policy_runner(analysis: Analysis, target: Target, feeds, options: BuildOptions, prepared: Callable[[], Lowering] | None):
     """{layer: precision} (the rest float) -> the lowered model's first output on the first
-    OUTPUT_SAMPLES proxy samples; calibrated on the whole proxy once, on first use."""
+    OUTPUT_SAMPLES proxy samples; through `prepared()`, else calibrated on the whole proxy once, on first use."""
+    prepare = prepared or (lambda: Lowering.prepare(analysis, target, feeds, options.calibration_settings()))
     lowering = []
     samples = {name: array[:OUTPUT_SAMPLES] for name, array in feeds.items()}
     runs_on = runtime_target(target)  # lowered for the target, run where its numbers are computed here
 
     def run(chosen) -> np.ndarray:
         if not lowering:
-            lowering.append(Lowering.prepare(analysis, target, feeds, options.calibration_settings()))
+            lowering.append(prepare())
         policy = Policy(tuple((layer.name, chosen.get(layer.name, "fp32")) for layer in analysis.layers), "output probe")
         return backend_for(runs_on).load(lowering[0].lower(policy), runs_on).run_batched(samples)
 

@@ -99,7 +99,7 @@ def validate_search(options: BuildOptions, methods: list[str], policies: int = 1
         try:
             with progress.stage(f"scoring layers with {method}"):
                 problem = prepare_search(analysis, target, ir.to_proto(analysis.model), feeds,
-                                         dataclasses.replace(base, method=method), labels_proxy)
+                                         dataclasses.replace(base, method=method), labels_proxy, lambda: lowering)
         except MpqcError as exc:
             results[method] = {"refused": str(exc), "scoring_s": time.perf_counter() - clock}
             if after_method is not None:

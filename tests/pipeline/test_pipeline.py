@@ -178,3 +178,22 @@ def test_check_on_a_build_for_another_target_says_which_model_to_check(tinynet, 
     capsys.readouterr()
     assert main(["check", "gpu/model.qdq.onnx", "--target", "trt-a100"]) == 0
     assert "hint" not in capsys.readouterr().out
+
+
+def test_a_search_build_with_the_output_method_calibrates_once(tinynet, monkeypatch):
+    """The output method lowers its probe policies through the build's own calibration, not one of its own."""
+    from mpqc.lower.lowering import Lowering
+
+    spec, proxy = tinynet
+    calls = []
+    prepare = Lowering.prepare.__func__
+
+    def counted(cls, *args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("feeds"))
+        return prepare(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Lowering, "prepare", classmethod(counted))
+    record = build(BuildOptions(model=spec, proxy=str(proxy), policy="search", method="output", budget_bitops=1e300,
+                                measure=False, use_cache=False), None).to_json()
+    assert record["search"]["scoring"]["lowered_policies"] > 1  # the probes ran
+    assert len(calls) == 1
