@@ -146,7 +146,7 @@ def float_predictions(context: SensitivityContext, batch_size: int = 64) -> np.n
             if logits.dim() != 2:
                 raise MpqcError(
                     f"trained sensitivity methods need a classifier (output of shape (N, classes)); this model's "
-                    f"output has shape {tuple(logits.shape)}: use --method qerror or hawq"
+                    f"output has shape {tuple(logits.shape)}: use --method output (the default), qerror or hawq"
                 )
             out.append(logits.argmax(dim=1).numpy())
     return np.concatenate(out).astype(np.int64)

@@ -259,6 +259,9 @@ def train_indicators(context: SensitivityContext, regularize: bool, gmpq: bool,
     clock = time.perf_counter()
     method = "asga" if sharpness is not None else "seam" if regularize else "limpq"
     context.require_module(method)
+    if not context.classifier:  # a 2-D output of another kind (embeddings) would pass the shape check and train nonsense
+        raise MpqcError(f"--method {method} trains on the model's classes, and this model's output is not class scores "
+                        "(the model says so, e.g. sentence embeddings): use --method output (the default), qerror or hawq")
     rank, world_size = distributed.process_group()
     quantized = QuantizedCopy.create(context, world_size)
     attribution_module = None
@@ -661,7 +664,7 @@ def _check_classifier_output(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise MpqcError(f"limpq and seam train a classifier (output of shape (N, classes)); this model's output is "
-                        f"{shape}: use --method qerror or hawq")
+                        f"{shape}: use --method output (the default), qerror or hawq")
 
 
 def _quantized_choices(names: Sequence[str]) -> list[tuple[int | None, int | None]]:

@@ -507,3 +507,12 @@ def test_asga_trains_records_its_sharpness_and_is_deterministic(mnist):
 def test_asga_refuses_an_onnx_file_with_its_own_name(mnist):
     with pytest.raises(MpqcError, match="--method asga trains on the torch model"):
         scored_layers("asga", dataclasses.replace(mnist, module=None))
+
+
+@pytest.mark.parametrize("method", ["limpq", "seam", "asga"])
+def test_a_model_whose_output_is_not_class_scores_is_refused_before_training(mnist, method):
+    """MiniLM's (N, 384) embeddings pass the 2-D shape check: the model's own word must stop them."""
+    from mpqc.sensitivity.methods import scored_layers
+
+    with pytest.raises(MpqcError, match=f"--method {method} trains on the model's classes.*use --method output"):
+        scored_layers(method, dataclasses.replace(mnist, classifier=False))
