@@ -33,7 +33,7 @@ import numpy as np
 
 from mpqc.backends.base import backend_for
 from mpqc.bench.latency import first_batch
-from mpqc.costmodel.fit import fit_boundaries, fitting_policies, layer_terms
+from mpqc.costmodel.fit import EDGE_KINDS, edge_counts, fit_boundaries, fitting_policies, layer_terms
 from mpqc.costmodel.table import LatencyTable
 from mpqc.data.proxy import proxy_feeds
 from mpqc.files import write_atomically
@@ -41,7 +41,6 @@ from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import analyze
 from mpqc.passes.layer_graph import layer_edges
 from mpqc.pipeline.options import BuildOptions
-from mpqc.precision import precision
 from mpqc.targets import load_target
 from mpqc.versions import provenance
 
@@ -72,8 +71,8 @@ def time_rounds(runners, feeds, rounds: int, runs: int, warmup: int) -> np.ndarr
 
 def boundaries(edges, policy) -> int:
     """Edges whose two layers disagree on quantizing activations (where Q/DQ and layout changes go)."""
-    quantized = {name: precision(p).quantizes_activations for name, p in policy.as_dict.items()}
-    return sum(quantized[a] != quantized[b] for a, b in edges)
+    counts = dict(zip(EDGE_KINDS, edge_counts(edges, policy)))
+    return int(counts[(False, True)] + counts[(True, False)])
 
 
 def run(model: str, rounds: int, runs: int, warmup: int, fit_policies: int, seed: int) -> dict:
@@ -99,7 +98,7 @@ def run(model: str, rounds: int, runs: int, warmup: int, fit_policies: int, seed
         statistics[name] = {"noise_floor": noise, "fit_rms_relative_residual": fit["fit_rms_relative_residual"],
                             "fit_refused_because": fit["forced"] or None, "ms": [float(v) for v in whole]}
         print(f"{model} {name}: noise floor {noise:.1%}, fit residual {fit['fit_rms_relative_residual']:.1%}", flush=True)
-    fp32 = policies[[p.source for p in policies].index("uniform:fp32")]
+    fp32 = [p.source for p in policies].index("uniform:fp32")
     return {
         "format": "mpqc.latency_estimators/1",
         "model": model,
@@ -113,7 +112,7 @@ def run(model: str, rounds: int, runs: int, warmup: int, fit_policies: int, seed
                      for p in policies],
         "edges": len(edges),
         "statistics": statistics,
-        "slowest_over_fp32": {name: float(max(s["ms"]) / s["ms"][policies.index(fp32)]) for name, s in statistics.items()},
+        "slowest_over_fp32": {name: float(max(s["ms"]) / s["ms"][fp32]) for name, s in statistics.items()},
         "timing_s": time.perf_counter() - started,
     } | provenance()
 
