@@ -11,6 +11,7 @@ import onnx_ir as ir
 from mpqc.calibrate.ranges import calibrate, channel_means
 from mpqc.errors import MpqcError
 from mpqc.lower.float16 import to_float16
+from mpqc.lower.live_ranges import clamp_range, live_bounds
 from mpqc.lower.qdq import lower, mean_tensors, plan_activation_quantizers
 from mpqc.passes.analysis import Analysis
 from mpqc.policy import Policy
@@ -37,6 +38,8 @@ class Lowering:
     float_model: onnx.ModelProto
     ranges: dict[str, tuple[float, float]]
     input_means: dict[str, np.ndarray]
+    # Tensors whose calibrated range was cut to the part their readers can tell apart (live_ranges).
+    narrowed: tuple[str, ...] = ()
 
     @classmethod
     def prepare(cls, analysis: Analysis, target: Target, feeds: dict[str, np.ndarray],
@@ -50,9 +53,11 @@ class Lowering:
         ranges = calibrate(float_model, tensors, feeds, calibration.method, calibration.percentile)
         if not all(np.isfinite(v).all() for v in ranges.values()):
             raise MpqcError("calibration produced non-finite ranges: the model overflows on the proxy data")
+        calibrated, ranges = ranges, _cut_to_live_bounds(analysis.model.graph, ranges)
         means = channel_means(float_model, corrected, feeds)
         input_means = {layer.name: means[layer.activation] for layer in analysis.layers if layer.activation in means}
-        return cls(analysis, target, float_model, ranges, input_means)
+        narrowed = tuple(name for name in ranges if ranges[name] != calibrated[name])
+        return cls(analysis, target, float_model, ranges, input_means, narrowed)
 
     def lower(self, policy: Policy) -> bytes:
         model = ir.from_proto(self.float_model)  # lowering rewrites in place: start from the float model
@@ -62,3 +67,8 @@ class Lowering:
             built = to_float16(built)
         onnx.checker.check_model(built)
         return built.SerializeToString(deterministic=True)
+
+
+def _cut_to_live_bounds(graph: ir.Graph, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    return {name: clamp_range(*span, live_bounds(values[name])) if name in values else span for name, span in ranges.items()}
