@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from mpqc.passes.conv_rewrite import bypass, replace_weights
+
 
 class FoldBatchNormPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -38,19 +40,6 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         folded_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         folded_b = ((b - mean) * factor + shift).astype(np.float32)
 
-        name = conv.inputs[1].name or f"{conv.name}.weight"
-        new_w = ir.Value(name=f"{name}.bnfold", const_value=ir.tensor(folded_w))
-        new_b = ir.Value(name=f"{name}.bnfold_bias", const_value=ir.tensor(folded_b))
-        graph.register_initializer(new_w)
-        graph.register_initializer(new_b)
-        conv.resize_inputs(3)
-        conv.replace_input_with(1, new_w)
-        conv.replace_input_with(2, new_b)
-        # The BN's consumers (and the graph output, if it is one) now read the Conv directly.
-        bn_out, conv_out = bn.outputs[0], conv.outputs[0]
-        conv_out.shape, conv_out.type = bn_out.shape or conv_out.shape, bn_out.type or conv_out.type
-        output_name = bn_out.name if bn_out.is_graph_output() else conv_out.name
-        ir.convenience.replace_all_uses_with(bn_out, conv_out, replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        conv_out.name = output_name  # a graph output keeps the name users feed/fetch by
+        replace_weights(graph, conv, folded_w, folded_b, "bnfold")
+        bypass(graph, conv, bn)
         return True

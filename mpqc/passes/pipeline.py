@@ -11,6 +11,7 @@ from mpqc.errors import MpqcError
 from mpqc.frontend.messages import first_line
 from mpqc.frontend.torch_export import MODULE_MAP_KEY
 from mpqc.passes.check_weights import CheckWeightsPass
+from mpqc.passes.fold_affine import FoldConvAffinePass
 from mpqc.passes.fold_batchnorm import FoldBatchNormPass
 from mpqc.passes.fold_weight_casts import FoldWeightCastsPass
 from mpqc.passes.lift_constants import LiftConstantWeightsPass
@@ -22,6 +23,7 @@ def canonical_passes() -> ir.passes.Sequential:
         FoldWeightCastsPass(),  # Cast/Identity of an initializer: a weight too
         CheckWeightsPass(),  # before folding, so a refusal names the model's own tensor
         FoldBatchNormPass(),
+        FoldConvAffinePass(),  # after BatchNorm: a BN between the conv and its affine folds first
         common.RemoveUnusedNodesPass(),
         # Exporters record stack traces with local paths: drop them so the bytes we write depend
         # only on the model, not on where it was built.
