@@ -12,18 +12,14 @@ ONNX Runtime's optimized graph say which kernels ran.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import pathlib
 import re
 import sys
 import tempfile
 
-import onnx
-import onnxruntime as ort
-
 from mpqc.backends.base import backend_for
-from mpqc.backends.onnxruntime.runner import session_options
+from mpqc.backends.onnxruntime.runner import optimized_op_counts
 from mpqc.bench.latency import first_batch, measure_interleaved
 from mpqc.data.proxy import ProxySource, proxy_feeds
 from mpqc.lower.lowering import Lowering
@@ -47,14 +43,6 @@ def _islands_target(folder: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _optimized_ops(model: bytes, target, folder: pathlib.Path, name: str) -> dict[str, int]:
-    options = session_options(target)
-    options.optimized_model_filepath = str(folder / f"{name}.optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    return dict(sorted(collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node).items()))
-
-
 def run(model: str, rounds: int, folder: pathlib.Path) -> dict:
     analysis = analyze(model)
     feeds, _ = proxy_feeds(ProxySource(None), analysis.loaded)
@@ -76,7 +64,7 @@ def run(model: str, rounds: int, folder: pathlib.Path) -> dict:
             "round_medians_ms": list(round_medians),
             "speedup_vs_fp32": fp32_ms / float(median),
             "fidelity": fidelity_of(reference, runner.run_batched(eval_feeds), analysis.loaded, labels, data),
-            "optimized_ops": _optimized_ops(models[name], target, folder, name),
+            "optimized_ops": optimized_op_counts(models[name], target),
         }
     return result
 

@@ -60,6 +60,23 @@ def int8_saturation_note(target: Target) -> str | None:
             f"session_config \"{EXACT_INT8}\" = \"1\" in the target (and in your own sessions) for exact, slower kernels")
 
 
+def optimized_op_counts(model: bytes, target: Target) -> dict[str, int]:
+    """Op type -> count in the graph ONNX Runtime runs for `model` under the target's session
+    options: which integer kernels its fusions made."""
+    import collections
+    import pathlib
+    import tempfile
+
+    options = session_options(target)
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(pathlib.Path(folder) / "optimized.onnx")
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled_passes(model) or None)
+        counts = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    return dict(sorted(counts.items()))
+
+
 def numerics_target() -> Target:
     """ONNX Runtime CPU with exact INT8 kernels: runs a model built for another backend (TensorRT)
     to measure what its Q/DQ graph computes, not how fast anything runs."""
