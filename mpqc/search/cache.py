@@ -19,7 +19,7 @@ from mpqc.files import write_atomically
 from mpqc.targets import Target
 
 # Part of the key: changing how scores are computed or stored must change this, not reuse old files.
-_FORMAT = "mpqc.scores/1"
+_FORMAT = "mpqc.scores/2"  # 2: lowering folds conv affines and cuts ranges to live bounds
 
 
 def default_dir() -> pathlib.Path:

@@ -52,7 +52,7 @@ def test_a_corrupt_cache_file_is_scored_again_and_rewritten(profiled, tmp_path, 
     _search(capsys, spec, common, tmp_path / "a", *cache)
     (path,) = (tmp_path / "cache").glob("*.json")
     good = path.read_text()
-    for broken in (good[: len(good) // 2], '{"format": "mpqc.scores/1"}', "[]"):
+    for broken in (good[: len(good) // 2], '{"format": "mpqc.scores/2"}', "[]"):
         path.write_text(broken)
         assert _search(capsys, spec, common, tmp_path / "a", *cache)["search"]["scores_cached"] is False
         assert json.loads(path.read_text()) == json.loads(good)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import pathlib
+import tempfile
 
 import numpy as np
 import onnx
@@ -63,10 +66,6 @@ def int8_saturation_note(target: Target) -> str | None:
 def optimized_op_counts(model: bytes, target: Target) -> dict[str, int]:
     """Op type -> count in the graph ONNX Runtime runs for `model` under the target's session
     options: which integer kernels its fusions made."""
-    import collections
-    import pathlib
-    import tempfile
-
     options = session_options(target)
     options.log_severity_level = 3
     with tempfile.TemporaryDirectory() as folder:
