@@ -55,6 +55,8 @@ def clamp_range(low: float, high: float, bounds: Bounds) -> Bounds:
 
 
 def _pull_back(bounds: Bounds, scale: float, offset: float) -> Bounds:
+    if not (math.isfinite(scale) and math.isfinite(offset) and scale > 0):
+        return UNBOUNDED  # a chain of huge constants overflowed: claim nothing
     return ((bounds[0] - offset) / scale, (bounds[1] - offset) / scale)
 
 

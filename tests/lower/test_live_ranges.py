@@ -52,6 +52,12 @@ def test_a_decreasing_affine_step_gives_no_bounds():
     assert _bounds(_affine_hard_swish(-1.9, 0.8)) == UNBOUNDED
 
 
+def test_a_chain_of_constants_that_overflows_claims_nothing():
+    nodes = [helper.make_node("Mul", ["x" if i == 0 else f"m{i}", "huge"], [f"m{i + 1}"]) for i in range(9)]
+    model = _model(nodes + [helper.make_node("Relu", ["m9"], ["y"])], [_scalar("huge", 3e38)])
+    assert _bounds(model) == UNBOUNDED
+
+
 def test_a_second_reader_outside_the_chain_gives_no_bounds():
     model = _affine_hard_swish(1.0, 0.0)
     model.graph.node.append(helper.make_node("Neg", ["x"], ["n"]))
