@@ -12,7 +12,7 @@ from mpqc.calibrate.ranges import calibrate, channel_means
 from mpqc.errors import MpqcError
 from mpqc.lower.float16 import to_float16
 from mpqc.lower.live_ranges import clamp_range, live_bounds
-from mpqc.lower.qdq import lower, mean_tensors, plan_activation_quantizers
+from mpqc.lower.qdq import lower, mean_tensors, plan_activation_quantizers, values_by_name
 from mpqc.passes.analysis import Analysis
 from mpqc.policy import Policy
 from mpqc.targets import Target
@@ -70,5 +70,5 @@ class Lowering:
 
 
 def _cut_to_live_bounds(graph: ir.Graph, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    values = values_by_name(graph)
     return {name: clamp_range(*span, live_bounds(values[name])) if name in values else span for name, span in ranges.items()}

@@ -54,7 +54,7 @@ class ActivationSite:
 def plan_activation_quantizers(model: ir.Model, layers: list[Layer], policy: Policy, target: Target) -> list[ActivationSite]:
     """Where activation Q/DQ go, in a stable order; calibration measures exactly these tensors."""
     graph = model.graph
-    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    values = values_by_name(graph)
     sites: dict[str, ActivationSite] = {}
 
     def add(value: ir.Value, readers: list[tuple[str, int]], prefix: str) -> None:
@@ -100,6 +100,11 @@ def _join_regions(graph: ir.Graph, sites: dict[str, ActivationSite], add, layer_
             sites[end.name].range_of = sites[data[0].name].range_name
 
 
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every value the graph's nodes produce, and its inputs, by name."""
+    return {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+
+
 def through_clamps(value: ir.Value) -> ir.Value:
     """Follow a layer output through a lone ReLU/Clip: the quantizer belongs after the clamp."""
     while not value.is_graph_output() and len(value.uses()) == 1:
@@ -140,7 +145,7 @@ def lower(
         block_size = target.int4_block_size if p.weight_granularity == "block" else None
         _quantize_weight(graph, node, layer, p.weight_bits, block_size, input_means.get(layer.name),
                          input_scales.get(layer.name) if block_size is None else None)
-    values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
+    values = values_by_name(graph)
     for site in sites:
         _quantize_activation(graph, values[site.value], site, nodes, *activation[site.value])
     if target.int32_gemm_bias:
