@@ -178,11 +178,9 @@ def _photo(library: str, name: str) -> np.ndarray:
         image = load_sample_image(name)
     elif library == "matplotlib":
         import matplotlib.cbook
-
-        image = matplotlib.cbook.get_sample_data(name, asfileobj=False)
         from matplotlib import image as mpl_image
 
-        image = mpl_image.imread(image)
+        image = mpl_image.imread(matplotlib.cbook.get_sample_data(name, asfileobj=False))
         if image.dtype != np.uint8:  # PNGs read as floats in [0, 1]
             image = image * 255.0
     else:
