@@ -124,7 +124,7 @@ def _hard_swish_lower_bound(value: ir.Value, uses) -> float | None:
     if shifted.is_graph_output() or len(clip_uses) != 1 or clip_uses[0][0].op_type != "Clip":
         return None
     clip = clip_uses[0][0]
-    if _clip_limits(clip) != (0.0, 6.0) or clip.outputs[0].is_graph_output():
+    if clip.domain not in _DEFAULT or _clip_limits(clip) != (0.0, 6.0) or clip.outputs[0].is_graph_output():
         return None
     gate = list(clip.outputs[0].uses())
     if len(gate) != 1 or gate[0][0] is not muls[0]:
