@@ -280,7 +280,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--proxy", help="proxy data .npz keyed by input name (bundled examples bring their own)")
     parser.add_argument("--proxy-limit", type=_int_range(1, 10**9), help="use only the first N proxy samples")
-    parser.add_argument("--calibration", default="minmax", choices=["minmax", "percentile"])
+    parser.add_argument("--calibration", default="minmax", choices=["minmax", "mse", "percentile"],
+                        help="activation ranges: minmax (the default), mse (least expected 8-bit error) or percentile")
     parser.add_argument("--percentile", type=_float_range(50.0, 100.0), default=99.99,
                         help="--calibration percentile: the activation percentile kept, in [50, 100]")
     parser.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0)

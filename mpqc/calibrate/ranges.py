@@ -3,6 +3,10 @@
 `minmax` keeps the smallest and largest value seen. `percentile` takes a second pass: a histogram
 of |x| over [0, max|x|] per tensor, and clips the range to the magnitude below which `percentile`%
 of all entries fall, which ignores the rare outliers that would otherwise stretch the INT8 grid.
+`mse` takes the same second pass with a histogram of x over [min, max] and picks, among ranges
+whose ends shrink towards zero by factors in [0.2, 1] (each end its own), the one whose 8-bit
+grid gives the least expected squared error (rounding error step^2/12 inside the range, the distance to the range outside it):
+a wider range rounds every value more coarsely, a narrower one clips more of them.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import onnxruntime as ort
 from mpqc.errors import MpqcError
 from mpqc.frontend.shapes import fixed_batch
 
-METHODS = ("minmax", "percentile")
+METHODS = ("minmax", "percentile", "mse")
 _BINS = 2048
+_LEVELS = 255  # steps of an 8-bit grid
+_SHRINKS = np.linspace(0.2, 1.0, 81)  # candidate range factors for `mse`, in steps of 0.01
 
 
 def calibrate(
@@ -25,8 +31,10 @@ def calibrate(
     method: str = "minmax",
     percentile: float = 99.99,
     batch_size: int = 16,
+    grid: str = "uint8",
 ) -> dict[str, tuple[float, float]]:
-    """Per-tensor (low, high) of `tensors` when the float model runs on `feeds`."""
+    """Per-tensor (low, high) of `tensors` when the float model runs on `feeds`. `grid` is the
+    target's activation type, the grid `mse` measures its error on."""
     if method not in METHODS:
         raise MpqcError(f"unknown calibration method '{method}': use one of {', '.join(METHODS)}")
     if not tensors:
@@ -41,6 +49,8 @@ def calibrate(
                 high[name] = max(high[name], float(value.max()))
     if method == "minmax":
         return {name: (low[name], high[name]) for name in tensors}
+    if method == "mse":
+        return _least_error_ranges(session, tensors, feeds, batch_size, low, high, grid)
     amax = {name: max(-low[name], high[name]) for name in tensors}
     hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
     for outputs in _run(session, tensors, feeds, batch_size):
@@ -52,6 +62,50 @@ def calibrate(
         edge = _percentile_edge(hist[name], amax[name], percentile)
         ranges[name] = (max(low[name], -edge), min(high[name], edge))
     return ranges
+
+
+def _least_error_ranges(session, tensors, feeds, batch_size, low, high, grid) -> dict[str, tuple[float, float]]:
+    hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
+    for outputs in _run(session, tensors, feeds, batch_size):
+        for name, value in zip(tensors, outputs):
+            if high[name] > low[name]:
+                hist[name] += np.histogram(value, bins=_BINS, range=(low[name], high[name]))[0]
+    return {name: least_error_range(hist[name], low[name], high[name], grid) for name in tensors}
+
+
+def least_error_range(hist: np.ndarray, low: float, high: float, grid: str = "uint8") -> tuple[float, float]:
+    """The range (low x a, high x b), a and b in _SHRINKS, whose 8-bit grid has the least expected
+    squared error over `hist` (a histogram of _BINS bins over [low, high]); the widest where several
+    tie. The grid is the one the lowering builds from a range (mpqc.lower.numerics.activation_params):
+    "uint8" asymmetric, each end shrinking on its own and the zero point rounded to an integer, which
+    moves both ends; "int8" symmetric over the larger magnitude."""
+    if not high > low or hist.sum() == 0:
+        return low, high
+    width = (high - low) / _BINS
+    centers = low + (np.arange(_BINS) + 0.5) * width
+    counts = hist.astype(np.float64)
+    # Prefix sums of count, sum and sum of squares: the clipping error beyond any point in O(1).
+    n, s1, s2 = (np.concatenate([[0.0], np.cumsum(counts * centers**k)]) for k in (0, 1, 2))
+    if grid == "int8":
+        amax = max(-low, high) * _SHRINKS
+        candidates = (-amax, amax)
+        scale = amax / 127
+        grid_low, grid_high = -127 * scale, 127 * scale
+    else:
+        lows, highs = np.meshgrid(min(low, 0.0) * _SHRINKS, max(high, 0.0) * _SHRINKS, indexing="ij")
+        candidates = (lows, highs)
+        scale = (highs - lows) / 255
+        zero = np.clip(np.rint(-lows / scale), 0, 255)
+        grid_low, grid_high = -zero * scale, (255 - zero) * scale
+    below = np.searchsorted(centers, grid_low, side="left")
+    inside_end = np.searchsorted(centers, grid_high, side="right")
+    below_error = grid_low**2 * n[below] - 2 * grid_low * s1[below] + s2[below]
+    above_error = (s2[-1] - s2[inside_end]) - 2 * grid_high * (s1[-1] - s1[inside_end]) + grid_high**2 * (n[-1] - n[inside_end])
+    # A bin's values spread over its width: rounding never beats the histogram's own resolution.
+    rounding = (n[inside_end] - n[below]) * (scale**2 + width**2) / 12
+    errors = (rounding + below_error + above_error).ravel()
+    best = np.flatnonzero(errors <= errors.min() * (1 + 1e-9) + 1e-300)[-1]  # the widest: factors ascend
+    return float(candidates[0].ravel()[best]), float(candidates[1].ravel()[best])
 
 
 def _percentile_edge(hist: np.ndarray, amax: float, percentile: float) -> float:

@@ -20,7 +20,7 @@ from mpqc.targets import Target
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationSettings:
-    method: str = "minmax"  # "minmax" or "percentile"
+    method: str = "minmax"  # "minmax", "mse" or "percentile" (mpqc.calibrate.ranges)
     percentile: float = 99.99
     bias_correction: bool = True  # correct biases for the mean error of the rounded weights
 
@@ -50,7 +50,7 @@ class Lowering:
         corrected = mean_tensors(analysis.layers, everything) if calibration.bias_correction else {}
         if not feeds:
             return cls(analysis, target, float_model, {}, {})
-        ranges = calibrate(float_model, tensors, feeds, calibration.method, calibration.percentile)
+        ranges = calibrate(float_model, tensors, feeds, calibration.method, calibration.percentile, grid=target.activation_type)
         if not all(np.isfinite(v).all() for v in ranges.values()):
             raise MpqcError("calibration produced non-finite ranges: the model overflows on the proxy data")
         calibrated, ranges = ranges, _cut_to_live_bounds(analysis.model.graph, ranges)

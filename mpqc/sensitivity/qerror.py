@@ -156,7 +156,7 @@ def qerror_scores(
         return scores
 
     inputs = list(dict.fromkeys(plan.layer.activation for plan in plans if plan.quantizes_input))
-    ranges = calibrate(float_model, inputs, feeds, calibration, percentile, batch_size)
+    ranges = calibrate(float_model, inputs, feeds, calibration, percentile, batch_size, target.activation_type)
     for plan in plans:
         if plan.quantizes_input:
             plan.set_activation(numerics.activation_params(*ranges[plan.layer.activation], target.activation_type))
