@@ -5,8 +5,9 @@ of |x| over [0, max|x|] per tensor, and clips the range to the magnitude below w
 of all entries fall, which ignores the rare outliers that would otherwise stretch the INT8 grid.
 `mse` takes the same second pass with a histogram of x over [min, max] and picks, among ranges
 whose ends shrink towards zero by factors in [0.2, 1] (each end its own), the one whose 8-bit
-grid gives the least expected squared error (rounding error step^2/12 inside the range, the distance to the range outside it):
-a wider range rounds every value more coarsely, a narrower one clips more of them.
+grid gives the least expected squared error (step^2/12 for a value inside the range, the squared
+distance to the range for one outside it): a wider range rounds every value more coarsely, a
+narrower one clips more of them. A non-finite range is returned as it is, for the caller to refuse.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def calibrate(
     hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
     for outputs in _run(session, tensors, feeds, batch_size):
         for name, value in zip(tensors, outputs):
-            if amax[name] > 0:
+            if 0 < amax[name] < np.inf:
                 hist[name] += np.histogram(np.abs(value), bins=_BINS, range=(0.0, amax[name]))[0]
     ranges = {}
     for name in tensors:
@@ -68,7 +69,7 @@ def _least_error_ranges(session, tensors, feeds, batch_size, low, high, grid) ->
     hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
     for outputs in _run(session, tensors, feeds, batch_size):
         for name, value in zip(tensors, outputs):
-            if high[name] > low[name]:
+            if high[name] > low[name] and np.isfinite([low[name], high[name]]).all():
                 hist[name] += np.histogram(value, bins=_BINS, range=(low[name], high[name]))[0]
     return {name: least_error_range(hist[name], low[name], high[name], grid) for name in tensors}
 
@@ -79,7 +80,7 @@ def least_error_range(hist: np.ndarray, low: float, high: float, grid: str = "ui
     tie. The grid is the one the lowering builds from a range (mpqc.lower.numerics.activation_params):
     "uint8" asymmetric, each end shrinking on its own and the zero point rounded to an integer, which
     moves both ends; "int8" symmetric over the larger magnitude."""
-    if not high > low or hist.sum() == 0:
+    if not high > low or hist.sum() == 0 or not np.isfinite([low, high]).all():
         return low, high
     width = (high - low) / _BINS
     centers = low + (np.arange(_BINS) + 0.5) * width

@@ -86,6 +86,14 @@ def test_an_all_zero_tensor_keeps_its_empty_range():
     assert calibrate(_identity_model(), ["y"], feeds, "mse") == {"y": (0.0, 0.0)}
 
 
+@pytest.mark.parametrize("method", ["minmax", "mse", "percentile"])
+def test_an_overflowing_tensor_comes_back_non_finite_for_the_caller_to_refuse(method):
+    values = np.ones((2, 4096), np.float32)
+    values[0, 0] = np.inf
+    low, high = calibrate(_identity_model(), ["y"], {"x": values}, method)["y"]
+    assert not np.isfinite(high)
+
+
 def test_an_unknown_method_is_one_error():
     with pytest.raises(MpqcError, match="unknown calibration method 'entropy'"):
         calibrate(_identity_model(), ["y"], {"x": np.zeros((1, 4096), np.float32)}, "entropy")
