@@ -189,3 +189,22 @@ def _tiny_qdq_model(tmp_path) -> str:
     path = tmp_path / "template.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     return str(path)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse", "percentile"])
+def test_a_model_that_overflows_on_its_proxy_is_one_error_for_every_calibration(tmp_path, capsys, method):
+    huge = onnx.numpy_helper.from_array(np.full((4, 4), 1e38, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="first"), helper.make_node("MatMul", ["h", "w"], ["y"], name="second")],
+        "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [huge])
+    model = tmp_path / "overflow.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    proxy = tmp_path / "proxy.npz"
+    np.savez(proxy, x=np.ones((1, 4), np.float32))
+    out = tmp_path / "out"
+    code = main(["build", str(model), "--target", "ort-cpu", "--policy", "uniform:w8a8", "--proxy", str(proxy),
+                 "--calibration", method, "--out", str(out), "--no-measure"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "mpqc: error: calibration produced non-finite ranges: the model overflows on the proxy data"
+    assert not out.exists()
