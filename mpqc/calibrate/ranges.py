@@ -53,11 +53,7 @@ def calibrate(
     if method == "mse":
         return _least_error_ranges(session, tensors, feeds, batch_size, low, high, grid)
     amax = {name: max(-low[name], high[name]) for name in tensors}
-    hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
-    for outputs in _run(session, tensors, feeds, batch_size):
-        for name, value in zip(tensors, outputs):
-            if 0 < amax[name] < np.inf:
-                hist[name] += np.histogram(np.abs(value), bins=_BINS, range=(0.0, amax[name]))[0]
+    hist = _histograms(session, tensors, feeds, batch_size, {name: (0.0, amax[name]) for name in tensors}, magnitude=True)
     ranges = {}
     for name in tensors:
         edge = _percentile_edge(hist[name], amax[name], percentile)
@@ -66,12 +62,20 @@ def calibrate(
 
 
 def _least_error_ranges(session, tensors, feeds, batch_size, low, high, grid) -> dict[str, tuple[float, float]]:
+    hist = _histograms(session, tensors, feeds, batch_size, {name: (low[name], high[name]) for name in tensors}, magnitude=False)
+    return {name: least_error_range(hist[name], low[name], high[name], grid) for name in tensors}
+
+
+def _histograms(session, tensors, feeds, batch_size, spans: dict[str, tuple[float, float]], magnitude: bool) -> dict[str, np.ndarray]:
+    """The second pass: per tensor, a histogram of _BINS bins of x (of |x| with `magnitude`) over
+    its span. An empty or non-finite span stays all zeros, and its tensor keeps its first-pass range."""
     hist = {name: np.zeros(_BINS, dtype=np.int64) for name in tensors}
     for outputs in _run(session, tensors, feeds, batch_size):
         for name, value in zip(tensors, outputs):
-            if high[name] > low[name] and np.isfinite([low[name], high[name]]).all():
-                hist[name] += np.histogram(value, bins=_BINS, range=(low[name], high[name]))[0]
-    return {name: least_error_range(hist[name], low[name], high[name], grid) for name in tensors}
+            start, end = spans[name]
+            if end > start and np.isfinite([start, end]).all():
+                hist[name] += np.histogram(np.abs(value) if magnitude else value, bins=_BINS, range=(start, end))[0]
+    return hist
 
 
 def least_error_range(hist: np.ndarray, low: float, high: float, grid: str = "uint8") -> tuple[float, float]:
@@ -89,9 +93,8 @@ def least_error_range(hist: np.ndarray, low: float, high: float, grid: str = "ui
     n, s1, s2 = (np.concatenate([[0.0], np.cumsum(counts * centers**k)]) for k in (0, 1, 2))
     if grid == "int8":
         amax = max(-low, high) * _SHRINKS
-        candidates = (-amax, amax)
+        candidates = grid_low, grid_high = (-amax, amax)  # symmetric: the grid's ends are the range's
         scale = amax / 127
-        grid_low, grid_high = -127 * scale, 127 * scale
     else:
         lows, highs = np.meshgrid(min(low, 0.0) * _SHRINKS, max(high, 0.0) * _SHRINKS, indexing="ij")
         candidates = (lows, highs)
