@@ -24,6 +24,7 @@ import pathlib
 import time
 
 import onnx
+import onnx_ir as ir
 
 from mpqc.backends.base import backend_for
 from mpqc.data.proxy import proxy_feeds
@@ -40,26 +41,20 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 _KEPT = ("cosine_mean", "top1_agreement", "kl_divergence", "sqnr_db")
 
 
-def activation_quantizers(model: onnx.ModelProto) -> list[str]:
+def activation_quantizers(model: ir.Model) -> list[str]:
     """The tensors a QuantizeLinear reads that are not weights, in graph order."""
-    weights = {init.name for init in model.graph.initializer}
-    return [node.input[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights]
+    return [node.inputs[0].name for node in model.graph if node.op_type == "QuantizeLinear" and not node.inputs[0].is_initializer()]
 
 
-def without_quantizers(model: onnx.ModelProto, tensors: set[str]) -> bytes:
-    """`model` with the Q/DQ pairs on `tensors` removed: their readers read the float tensor."""
-    edited = onnx.ModelProto()
-    edited.CopyFrom(model)
-    quantizers = {node.output[0]: node for node in edited.graph.node if node.op_type == "QuantizeLinear" and node.input[0] in tensors}
-    dequantizers = [node for node in edited.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in quantizers]
-    float_of = {dq.output[0]: quantizers[dq.input[0]].input[0] for dq in dequantizers}
-    dropped = {id(node) for node in (*quantizers.values(), *dequantizers)}
-    kept = [node for node in edited.graph.node if id(node) not in dropped]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            node.input[i] = float_of.get(name, name)
-    del edited.graph.node[:]
-    edited.graph.node.extend(kept)
+def without_quantizers(built: bytes, tensors: set[str]) -> bytes:
+    """The model `built` with the Q/DQ pairs on `tensors` removed: their readers read the float tensor."""
+    model = ir.from_proto(onnx.load_from_string(built))
+    for quantizer in [node for node in model.graph if node.op_type == "QuantizeLinear" and node.inputs[0].name in tensors]:
+        for dequantizer, _ in list(quantizer.outputs[0].uses()):
+            ir.convenience.replace_all_uses_with(dequantizer.outputs[0], quantizer.inputs[0])
+            model.graph.remove(dequantizer, safe=True)
+        model.graph.remove(quantizer, safe=True)
+    edited = ir.to_proto(model)
     onnx.checker.check_model(edited)
     return edited.SerializeToString()
 
@@ -84,13 +79,12 @@ def main() -> int:
         return {key: measured[key] for key in _KEPT if key in measured}
 
     built = lowering.lower(Policy(tuple((layer.name, "w8a8") for layer in analysis.layers), "uniform:w8a8"))
-    model = onnx.load_from_string(built)
-    tensors = activation_quantizers(model)
+    tensors = activation_quantizers(ir.from_proto(onnx.load_from_string(built)))
     as_built = fidelity(built)
-    weights_only = fidelity(without_quantizers(model, set(tensors)))
+    weights_only = fidelity(without_quantizers(built, set(tensors)))
     sites = []
     for tensor in tensors:
-        alone = fidelity(without_quantizers(model, {tensor}))
+        alone = fidelity(without_quantizers(built, {tensor}))
         low, high = lowering.ranges[tensor]
         sites.append({"tensor": tensor, "range": [low, high], "fidelity": alone,
                       "cosine_gain": alone["cosine_mean"] - as_built["cosine_mean"]})
