@@ -23,6 +23,10 @@ PARETO_RESOURCES = {
     "bytes": ("size", "size_budget", "size_bytes"),
 }
 PARETO_POINTS = 12
+# Budgets between the evenly spread ones' last step and the least-loss end: a step there saves
+# 1/2, 1/4, 1/8 of an even step. The near-FP32 end is where a few layers of small saving (a
+# classifier alone) keep almost all the fidelity; an even step is larger than such a saving.
+PARETO_NEAR_FULL = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,8 @@ class SearchProblem:
 
     def pareto(self, resource: str) -> tuple[Policy, dict, dict]:
         """Loss against one resource: the front over PARETO_POINTS budgets evenly spread from the
-        least that resource can cost to what the least-loss policy costs (beyond it nothing improves).
+        least that resource can cost to what the least-loss policy costs (beyond it nothing improves),
+        and PARETO_NEAR_FULL budgets halving the saving of the last even step towards that end.
 
         Returns the policy of the front's middle point with its search record, and pareto.json's content.
         """
@@ -130,7 +135,7 @@ class SearchProblem:
         names = self._names()
         low = smallest(names, self.candidates, ilp_resource, **constraints)
         high = getattr(solve(names, self.candidates, self.loss, **constraints), cost_field)
-        budgets = [float(b) for b in np.linspace(low, max(low, high), PARETO_POINTS)]
+        budgets = _sweep(low, max(low, high))
         front = pareto(names, self.candidates, self.loss, resource=ilp_resource, budgets=budgets, **constraints)
         if not front:  # only when the solver rejects even the least cost it reported, within its tolerance
             raise MpqcError(f"no {resource} budget between {low:.6g} and {high:.6g} was feasible for the Pareto front")
@@ -165,3 +170,12 @@ class SearchProblem:
             "points": points,
         }
         return policy, record, document
+
+
+def _sweep(low: float, high: float) -> list[float]:
+    """The swept budgets, ascending: PARETO_POINTS evenly from low to high, then PARETO_NEAR_FULL
+    between the last two, each saving half of the previous one's saving against high."""
+    even = np.linspace(low, high, PARETO_POINTS)
+    step = (high - low) / (PARETO_POINTS - 1)
+    near = [high - step / 2 ** k for k in range(1, PARETO_NEAR_FULL + 1)] if step > 0 else []
+    return sorted({float(b) for b in even} | {float(b) for b in near})

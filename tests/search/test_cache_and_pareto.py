@@ -8,6 +8,7 @@ from mpqc.cli import main
 from mpqc.costmodel.policies import uniform_policies
 from mpqc.passes.analysis import analyze
 from mpqc.policy import Policy
+from mpqc.search.problem import PARETO_NEAR_FULL, PARETO_POINTS
 from mpqc.targets import load_target
 
 
@@ -72,7 +73,11 @@ def test_no_cache_writes_nothing_and_the_default_folder_follows_xdg(profiled, tm
 def _check_front(out, record, resource: str) -> list[dict]:
     assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "report.html", "pareto.json", "pareto.png"}
     front = json.loads((out / "pareto.json").read_text())
-    assert front["resource"] == resource and len(front["budgets"]) == 12
+    assert front["resource"] == resource and len(front["budgets"]) == PARETO_POINTS + PARETO_NEAR_FULL
+    # The near-full budgets halve the last even step's saving: the smallest saving is an eighth of it.
+    budgets = front["budgets"]
+    step = (budgets[-1] - budgets[0]) / (PARETO_POINTS - 1)
+    assert budgets == sorted(budgets) and abs((budgets[-1] - budgets[-2]) - step / 2 ** PARETO_NEAR_FULL) <= 1e-9 * max(1.0, abs(step))
     points = front["points"]
     assert points
     for before, after in zip(points, points[1:]):
