@@ -21,6 +21,7 @@ from mpqc.examples import EXAMPLES, load_example
 from mpqc.frontend.messages import first_line
 from mpqc.frontend.onnx_file import load_onnx_file, prepare
 from mpqc.frontend.support import check_supported
+from mpqc.interrupts import deferred_interrupts
 
 
 @dataclasses.dataclass
@@ -48,17 +49,21 @@ class LoadedModel:
 
 def resolve_model(spec: str) -> LoadedModel:
     if spec in EXAMPLES:
-        example = load_example(spec)
-        module, inputs = example.build_module()
-        return LoadedModel(spec, "example", _export(module, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES, spec), example, module)
+        with deferred_interrupts():  # torch's import and exporter: see mpqc.interrupts
+            example = load_example(spec)
+            module, inputs = example.build_module()
+            model = _export(module, inputs, example.INPUT_NAMES, example.OUTPUT_NAMES, spec)
+        return LoadedModel(spec, "example", model, example, module)
     if spec.endswith(".onnx") or pathlib.Path(spec).is_file():
         model = load_onnx_file(spec)
         check_supported(model, spec)
         return LoadedModel(spec, "onnx", model, None)
     if ":" in spec:
-        module, inputs = _call_factory(spec)
-        names = tuple("input" if len(inputs) == 1 else f"input_{i}" for i in range(len(inputs)))
-        return LoadedModel(spec, "torch", _export(module, inputs, names, ("output",), spec), None, module)
+        with deferred_interrupts():
+            module, inputs = _call_factory(spec)
+            names = tuple("input" if len(inputs) == 1 else f"input_{i}" for i in range(len(inputs)))
+            model = _export(module, inputs, names, ("output",), spec)
+        return LoadedModel(spec, "torch", model, None, module)
     raise MpqcError(
         f"model '{spec}' is not a bundled example ({', '.join(EXAMPLES)}), an existing .onnx file, "
         "or a package.module:factory"

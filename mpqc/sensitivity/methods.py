@@ -7,6 +7,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from mpqc.errors import MpqcError
+from mpqc.interrupts import deferred_interrupts
 
 if TYPE_CHECKING:  # the CLI reads METHODS for --method's choices: keep importing this module cheap
     from mpqc.sensitivity.context import SensitivityContext
@@ -51,7 +52,9 @@ def scored_layers(method: str, context: "SensitivityContext") -> Scored:
     """The scores with the method's record of them. A method function returns its scores, or a Scored."""
     check_method(method)
     module_name, function = METHODS[method]
-    result = getattr(importlib.import_module(module_name), function)(context)
+    with deferred_interrupts():  # the first import of torch: see mpqc.interrupts
+        method_function = getattr(importlib.import_module(module_name), function)
+    result = method_function(context)
     scored = result if isinstance(result, Scored) else Scored(result, {})
     missing = [(layer, p) for layer, names in context.candidates.items() for p in names if (layer, p) not in scored.scores]
     if missing:
