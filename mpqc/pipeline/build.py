@@ -276,8 +276,8 @@ def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, 
         # faithful policy, the all-fp32 one, whatever name it was measured under.
         chosen = (deployable[(len(deployable) - 1) // 2] if deployable else twins[0] if twins else
                   max((p for p in points if p.policy is not None), key=lambda p: (p.fidelity, -p.median_ms)))
-        why = (f"the middle of the {len(kept)} measured points no other measured point beats on latency (up to the "
-               f"{margin:.1%} noise floor) and {FRONT_METRIC}")
+        why = (f"the middle of the {len(kept)} measured points no other measured point beats on latency (each is faster "
+               f"than every more faithful one beyond the {margin:.1%} noise floor or in every paired round) and {FRONT_METRIC}")
     else:
         chosen = next(p for p in points if p.source == "searched")
         better = [p for p in points if p.source.startswith("uniform:") and p.beats(chosen, margin)]

@@ -1,0 +1,38 @@
+"""The measured front's dominance: a point stays when it is clearly faster than every more faithful one."""
+
+from mpqc.pipeline.measured import PAIRED_ROUNDS, MeasuredPoint, undominated
+
+
+def _point(source, rounds, fidelity):
+    rounds = tuple(rounds)
+    return MeasuredPoint(source, None, None, sorted(rounds)[len(rounds) // 2], rounds, fidelity, {})
+
+
+def test_a_steady_small_gain_in_every_paired_round_keeps_a_point_a_noise_margin_would_drop():
+    # Each round the machine's load moves both by up to 20%; the mixed point is 3% faster in each.
+    load = [1.0, 1.2, 0.9, 1.1, 1.0, 1.15, 0.95]
+    fp32 = _point("fp32", [5.0 * x for x in load], 1.0)
+    mixed = _point("front:12", [4.85 * x for x in load], 0.9995)
+    assert not mixed.median_ms * 1.10 < fp32.median_ms  # within a 10% noise margin
+    assert mixed.clearly_faster(fp32, margin=0.10) and not fp32.clearly_faster(mixed, margin=0.10)
+    assert [p.source for p in undominated([fp32, mixed], margin=0.10)] == ["front:12", "fp32"]
+
+
+def test_a_gain_that_flips_between_rounds_is_noise_and_the_less_faithful_point_goes():
+    fp32 = _point("fp32", [5.0, 5.3, 4.9, 5.2, 5.1], 1.0)
+    mixed = _point("front:12", [4.9, 5.4, 4.8, 5.1, 5.2], 0.999)
+    assert not mixed.clearly_faster(fp32, margin=0.10)
+    assert [p.source for p in undominated([fp32, mixed], margin=0.10)] == ["fp32"]
+
+
+def test_too_few_rounds_to_pair_fall_back_to_the_noise_margin():
+    fp32 = _point("fp32", [5.0] * (PAIRED_ROUNDS - 1), 1.0)
+    mixed = _point("front:12", [4.9] * (PAIRED_ROUNDS - 1), 0.999)
+    assert not mixed.clearly_faster(fp32, margin=0.10) and mixed.clearly_faster(fp32, margin=0.01)
+
+
+def test_a_point_both_slower_and_less_faithful_is_dropped_however_it_was_timed():
+    uniform = _point("uniform:w8a8", [3.0, 3.1, 3.2, 3.0, 3.1], 0.99)
+    mixed = _point("front:3", [3.5, 3.6, 3.4, 3.5, 3.6], 0.98)
+    assert uniform.beats(mixed) and not mixed.beats(uniform)
+    assert [p.source for p in undominated([uniform, mixed])] == ["uniform:w8a8"]
