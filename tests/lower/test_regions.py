@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from mpqc.backends.onnxruntime.runner import EXACT_INT8
+from mpqc.backends.onnxruntime.runner import numerics_target, session_options
 from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import analyze
 from mpqc.policy import Policy
@@ -83,9 +83,8 @@ def test_uniform_int8_chains_through_add_concat_and_pooling(regionnet, tmp_path)
     # The Add of a constant is not a region op (its constant is not quantized): it stays a float Add.
     assert ops.count("Add") == 1
     reference = ort.InferenceSession(analysis.loaded.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    exact = ort.SessionOptions()  # exact INT8 kernels: an AVX2 CPU's saturating u8s8 ones are the CPU's error, not the lowering's
-    exact.add_session_config_entry(EXACT_INT8, "1")
-    built = ort.InferenceSession(model.SerializeToString(), exact, providers=["CPUExecutionProvider"])
+    # Exact INT8 kernels: an AVX2 CPU's saturating u8s8 ones are the CPU's error, not the lowering's.
+    built = ort.InferenceSession(model.SerializeToString(), session_options(numerics_target()), providers=["CPUExecutionProvider"])
     x = feeds["input"][:4]
     want, got = reference.run(None, {"input": x})[0], built.run(None, {"input": x})[0]
     assert 10 * np.log10((want**2).sum() / ((want - got) ** 2).sum()) > 25
