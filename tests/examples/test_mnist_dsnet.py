@@ -39,7 +39,7 @@ def test_the_model_reaches_its_recorded_accuracy_and_is_depthwise(record):
     feeds, labels = ex.eval_feeds()
     with torch.no_grad():
         accuracy = float(np.mean(model(torch.from_numpy(feeds["image"])).numpy().argmax(axis=1) == labels))
-    assert abs(accuracy - record["final_test_accuracy"]) <= 0.002 and accuracy >= 0.95
+    assert abs(accuracy - record["final_test_accuracy"]) <= 0.002 and accuracy >= 0.94
     depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
     assert len(depthwise) == 3
 
@@ -57,4 +57,6 @@ def test_uniform_int4_weights_cost_accuracy_that_int8_keeps(tmp_path, capsys):
     for name in ("w8a8", "w4a8"):
         runner = backend_for(target).load((tmp_path / name / "model.qdq.onnx").read_bytes(), target)
         accuracy[name] = float(np.mean(runner.run_batched(feeds).argmax(axis=1) == labels))
-    assert accuracy["w8a8"] - accuracy["w4a8"] >= 0.02, accuracy
+    # A study of where 4 bits go needs a gap well beyond the 1,000 digits' noise (one policy's 95%
+    # interval is about +-1.4 points): 3 points at least (95.2% against 89.1% when trained).
+    assert accuracy["w8a8"] - accuracy["w4a8"] >= 0.03, accuracy
