@@ -1,6 +1,7 @@
 """Progress shows on a terminal, and only there: a build run on a pseudo-terminal prints its stages
-and bars to stderr; with --json, or into a pipe, it prints none of them. EfficientNet-Lite0's build,
-profile and cost-model validation, which take tens of seconds each, show theirs (marked slow)."""
+and bars to stderr; with --json, or into a pipe, it prints none of them. A bundled example's build,
+profile and cost-model validation show theirs with each stage's duration: on EfficientNet-Lite0 each
+takes tens of seconds to minutes, and the same code path runs on mnist-cnn in seconds."""
 
 import fcntl
 import os
@@ -10,8 +11,6 @@ import struct
 import subprocess
 import sys
 import termios
-
-import pytest
 
 
 def _on_a_terminal(argv, cwd) -> str:
@@ -57,23 +56,22 @@ def test_progress_stays_out_of_a_pipe(tinynet, tmp_path):
     assert done.stderr == ""
 
 
-# EfficientNet-Lite0's commands take from tens of seconds to minutes: each must say what it is doing.
+# A bundled example's commands (EfficientNet-Lite0's take from tens of seconds to minutes) each say
+# what they are doing; mnist-cnn goes through the same stages and bars in seconds.
 
 
-@pytest.mark.slow
-def test_an_efficientnet_build_on_a_terminal_shows_each_stage_with_its_duration(tmp_path):
-    shown = _on_a_terminal(["build", "efficientnet-lite0", "--policy", "uniform:w8a8", "--runs", "3", "--warmup", "0",
+def test_an_example_build_on_a_terminal_shows_each_stage_with_its_duration(tmp_path):
+    shown = _on_a_terminal(["build", "mnist-cnn", "--policy", "uniform:w8a8", "--runs", "3", "--warmup", "0",
                             "--out", "a"], tmp_path)
-    for stage in ("loading efficientnet-lite0", "calibrating", "measuring fidelity and latency"):
+    for stage in ("loading mnist-cnn", "calibrating", "measuring fidelity and latency"):
         assert f"mpqc: {stage} ..." in shown, shown
         assert re.search(rf"mpqc: {stage}: \d+\.\d s", shown), shown
 
 
-@pytest.mark.slow
-def test_efficientnet_profiling_and_validation_on_a_terminal_show_their_bars(tmp_path):
+def test_example_profiling_and_validation_on_a_terminal_show_their_bars(tmp_path):
     tables = ["--tables", str(tmp_path / "tables")]
-    profiled = _on_a_terminal(["profile", "efficientnet-lite0", *tables, "--fit-policies", "0", "--force-fit"], tmp_path)
-    assert re.search(r"profiling layers: +\d+%.*\| *\d+/100 ", profiled), profiled  # tqdm's bar over its 100 layer measurements
-    validated = _on_a_terminal(["costmodel", "validate", "efficientnet-lite0", *tables, "--policies", "1", "--runs", "5",
+    profiled = _on_a_terminal(["profile", "mnist-cnn", *tables, "--fit-policies", "0", "--force-fit"], tmp_path)
+    assert re.search(r"profiling layers: +\d+%.*\| *\d+/\d+ ", profiled), profiled  # tqdm's bar over its layer measurements
+    validated = _on_a_terminal(["costmodel", "validate", "mnist-cnn", *tables, "--policies", "1", "--runs", "5",
                                 "--noise-repeats", "2", "--out", "v"], tmp_path)
     assert re.search(r"mpqc: [a-z ]+ policies: +\d+%", validated), validated  # the bar over the 3 uniform + 1 random policies
