@@ -70,6 +70,9 @@ def _summary(record: dict, out: pathlib.Path) -> str:
         lines.append("  fidelity vs fp32: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if "int8_note" in measured:
             lines.append(f"  note: {measured['int8_note']}")
+    cost_note = ((search or {}).get("measured_points") or {}).get("prediction_check", {}).get("note")
+    if cost_note:
+        lines.append(f"  note: {cost_note}")
     lines.append(f"  artifacts: {out / 'model.qdq.onnx'}, {out / 'policy.json'}, {out / 'build.json'}, {out / 'report.md'}, "
                  f"{out / 'report.html'}")
     engine = record.get("tensorrt_engine")

@@ -33,7 +33,7 @@ from mpqc.frontend.resolve import load_callable
 from mpqc.lower.lowering import Lowering
 from mpqc.passes.analysis import Analysis, analyze
 from mpqc.pipeline.fidelity import fidelity_against_float
-from mpqc.pipeline.measured import FRONT_METRIC, measure_points, undominated
+from mpqc.pipeline.measured import FRONT_METRIC, measure_points, prediction_check, undominated
 from mpqc.pipeline.options import BuildOptions
 from mpqc.policy import Policy, resolve_policy
 from mpqc.report.html import render_html
@@ -269,7 +269,8 @@ def _measured_choice(problem, policy, search, front, lowering, analysis, feeds, 
     twins = [p for p in points[1:] if all(p.policy.precision_of(name).is_float for name in p.policy.as_dict)]
     kept = undominated([p for p in points if p not in twins], margin)
     summary = {"metric": FRONT_METRIC, "noise_floor": noise_floor, "latency_margin": margin,
-               "points": [p.to_json() | {"on_measured_front": p in kept} for p in points]}
+               "points": [p.to_json() | {"on_measured_front": p in kept} for p in points],
+               "prediction_check": prediction_check(points, margin)}
     if front is not None:
         deployable = [p for p in kept if p.policy is not None]
         # Where the FP32 model itself beats every lowered policy (a tiny model), build the most

@@ -9,6 +9,9 @@ mixed policy that a uniform one beats.
 from __future__ import annotations
 
 import dataclasses
+import statistics
+
+from scipy import stats
 
 from mpqc import progress
 from mpqc.backends.base import backend_for
@@ -22,6 +25,9 @@ FRONT_METRIC = "cosine_mean"
 # The fewest interleaved rounds in which being faster in every one counts as clearly faster: by chance
 # alone, two equally fast models come out one way in all of 5 rounds one time in 32.
 PAIRED_ROUNDS = 5
+# The cost model's median error on a build's own measured points past which its front is not to be
+# trusted (mpqc costmodel validate asks 95% of policies within this).
+PREDICTION_TOLERANCE = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +94,34 @@ def undominated(points: list[MeasuredPoint], margin: float = 0.0) -> list[Measur
     (FP32 is the most faithful point: anything kept is clearly faster than it)."""
     kept = [p for p in points if not any(other.beats(p, margin) for other in points if other is not p)]
     return sorted(kept, key=lambda p: (p.median_ms, -p.fidelity))
+
+
+def prediction_check(points: list[MeasuredPoint], margin: float) -> dict:
+    """The cost model's predictions beside this build's own measurements of the same policies: how
+    far off they are, whether they rank the points as measured, and which predictions fall below the
+    fastest uniform policy's measured time (a cost model that does so is wrong, not optimistic).
+    `note` says so in one line where the front's choice of layers rests on predictions that the
+    measurements do not support; None where they do."""
+    predicted = [p for p in points if p.predicted_ms is not None]
+    uniforms = [p for p in predicted if p.source.startswith("uniform:")]
+    if len(predicted) < 2 or not uniforms:
+        return {"points": len(predicted), "note": None}
+    errors = [abs(p.predicted_ms - p.median_ms) / p.median_ms for p in predicted]
+    tau = stats.kendalltau([p.predicted_ms for p in predicted], [p.median_ms for p in predicted]).statistic
+    fastest = min(uniforms, key=lambda p: p.median_ms)
+    below = [p.source for p in predicted if p.predicted_ms < fastest.median_ms * (1 - max(margin, 0.05))]
+    check = {"points": len(predicted), "median_relative_error": statistics.median(errors), "max_relative_error": max(errors),
+             "kendall_tau": None if tau != tau else float(tau),  # NaN where every prediction ties
+             "fastest_uniform": fastest.source, "fastest_uniform_measured_ms": fastest.median_ms,
+             "predicted_below_fastest_uniform": below}
+    problems = []
+    if check["median_relative_error"] > PREDICTION_TOLERANCE:
+        problems.append(f"its predictions are off by {check['median_relative_error']:.0%} (median) on the {len(predicted)} "
+                        "policies this build measured")
+    if below:
+        problems.append(f"it predicts {len(below)} of them faster than {fastest.source}, the fastest uniform policy, "
+                        f"measured at {fastest.median_ms:.3f} ms")
+    check["note"] = (None if not problems else "the cost model does not fit this machine now: " + "; ".join(problems)
+                     + ", so the searched layers may not be the fastest for their fidelity (every point above was "
+                     "measured); profile again on a quiet machine and check with mpqc costmodel validate")
+    return check

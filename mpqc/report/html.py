@@ -116,6 +116,8 @@ def _search(record: dict, front_figure, layer_strip_figure, measured_points_figu
                      + _table(["policy", "predicted ms", "measured ms", summary["metric"], "on the measured front"],
                               [[p["source"], p["predicted_ms"], p["measured_ms"], p["fidelity"], "yes" if p["on_measured_front"] else "no"]
                                for p in summary["points"]]))
+        if summary.get("prediction_check", {}).get("note"):
+            parts.append(f"<p>Note: {html.escape(summary['prediction_check']['note'])}.</p>")
     if search.get("layers"):
         parts.append('<h3 id="strip-title">Per-layer precision</h3>' + _image(layer_strip_figure(record), "per-layer strip", "layer-strip"))
     return "".join(parts) + "</section>"

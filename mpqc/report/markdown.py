@@ -83,6 +83,8 @@ def _search_lines(search: dict | None) -> list[str]:
             predicted = "-" if point["predicted_ms"] is None else f"{point['predicted_ms']:.3f}"
             lines.append(f"| {point['source']} | {predicted} | {point['measured_ms']:.3f} | {point['fidelity']:.4f} | "
                          f"{'yes' if point['on_measured_front'] else 'no'} |")
+        if summary.get("prediction_check", {}).get("note"):
+            lines += ["", f"Note: {summary['prediction_check']['note']}."]
     return lines + [""]
 
 

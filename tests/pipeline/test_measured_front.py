@@ -1,6 +1,7 @@
-"""The measured front's dominance: a point stays when it is clearly faster than every more faithful one."""
+"""The measured front's dominance: a point stays when it is clearly faster than every more faithful one;
+and the check of the cost model's predictions against the same measured points."""
 
-from mpqc.pipeline.measured import PAIRED_ROUNDS, MeasuredPoint, undominated
+from mpqc.pipeline.measured import PAIRED_ROUNDS, MeasuredPoint, prediction_check, undominated
 
 
 def _point(source, rounds, fidelity):
@@ -36,3 +37,31 @@ def test_a_point_both_slower_and_less_faithful_is_dropped_however_it_was_timed()
     mixed = _point("front:3", [3.5, 3.6, 3.4, 3.5, 3.6], 0.98)
     assert uniform.beats(mixed) and not mixed.beats(uniform)
     assert [p.source for p in undominated([uniform, mixed])] == ["uniform:w8a8"]
+
+
+def _predicted(source, measured_ms, predicted_ms):
+    return MeasuredPoint(source, None, predicted_ms, measured_ms, (measured_ms,) * PAIRED_ROUNDS, 0.99, {})
+
+
+def test_predictions_that_match_the_measurements_give_no_note():
+    points = [_point("fp32", [3.9] * 5, 1.0), _predicted("uniform:w8a8", 2.0, 2.1), _predicted("uniform:w4a16", 3.7, 3.6),
+              _predicted("front:0", 2.3, 2.4), _predicted("front:1", 3.1, 3.0)]
+    check = prediction_check(points, margin=0.09)
+    assert check["note"] is None and check["points"] == 4 and check["kendall_tau"] == 1.0
+    assert check["median_relative_error"] < 0.05 and check["predicted_below_fastest_uniform"] == []
+
+
+def test_a_front_predicted_faster_than_every_uniform_policy_ran_is_called_out():
+    # A noisy machine's forced fit: what an EfficientNet-Lite0 build measured (front:0 predicted 0.81 ms).
+    points = [_point("fp32", [3.94] * 5, 1.0), _predicted("uniform:w8a8", 1.99, 2.14), _predicted("uniform:w4a16", 3.72, 3.71),
+              _predicted("front:0", 2.23, 0.81), _predicted("front:1", 2.52, 1.05), _predicted("front:7", 3.12, 2.65)]
+    check = prediction_check(points, margin=0.09)
+    assert check["predicted_below_fastest_uniform"] == ["front:0", "front:1"]
+    assert check["fastest_uniform"] == "uniform:w8a8" and check["median_relative_error"] > 0.10
+    assert check["note"].startswith("the cost model does not fit this machine now: its predictions are off by")
+    assert "faster than uniform:w8a8, the fastest uniform policy, measured at 1.990 ms" in check["note"]
+
+
+def test_without_latency_predictions_there_is_nothing_to_check():
+    points = [_point("fp32", [3.9] * 5, 1.0), _point("uniform:w8a8", [2.0] * 5, 0.99)]
+    assert prediction_check(points, margin=0.09) == {"points": 0, "note": None}

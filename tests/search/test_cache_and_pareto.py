@@ -173,6 +173,15 @@ def test_a_measured_pareto_build_measures_every_point_and_builds_one_nothing_bea
     assert front["measured"]["built"] == summary["built"]
     assert "Measured points" in (tmp_path / "m" / "report.md").read_text()
     assert 'id="measured-points"' in (tmp_path / "m" / "report.html").read_text()
+    # The cost model's predictions are checked against these same measurements, and a misfit is said.
+    check = summary["prediction_check"]
+    predicted = [p for p in summary["points"] if p["predicted_ms"] is not None]
+    assert check["points"] == len(predicted) >= 2
+    errors = sorted(abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"] for p in predicted)
+    assert check["max_relative_error"] == pytest.approx(errors[-1])
+    misfit = check["median_relative_error"] > 0.10 or bool(check["predicted_below_fastest_uniform"])
+    assert (check["note"] is not None) == misfit
+    assert (f"Note: {check['note']}." in (tmp_path / "m" / "report.md").read_text()) == misfit
 
 
 def test_a_budgeted_build_never_returns_a_policy_a_uniform_one_beats(profiled, tmp_path, capsys):
