@@ -13,7 +13,8 @@ same calibration data:
   an earlier run in --work that tuned the same FP32 model (timed again in this run's harness);
 - `mpqc:uniform:w8a8`: `mpqc build MODEL --target ort-cpu --policy uniform:w8a8`;
 - `mpqc:front`: `mpqc build MODEL --target ort-cpu --policy search --pareto ms` (`mpqc profile`
-  first where the build asks for it), which measures its searched points beside FP32 and the
+  first where the build asks for it, up to 3 times while it refuses the fit as noisy, every refusal
+  recorded, then with --force-fit where --profile-force-fit is given), which measures its searched points beside FP32 and the
   uniform policies and keeps the ones no other measured point beats; then `mpqc export` of every
   policy on that measured front (the dropped ones are listed with the build's numbers).
 
@@ -79,6 +80,8 @@ _WORKER = _load_worker()  # its metrics (numpy only): the tuner and this harness
 METRICS, text_mask_iou = _WORKER.METRICS, _WORKER.text_mask_iou
 
 RESULTS = HERE / "results"
+# `mpqc profile` refuses a fit a noisy stretch of measurements does not support; a user profiles again.
+PROFILE_ATTEMPTS = 3
 PEERS_DIR = HERE / ".peers-venv"  # gitignored: INC's virtual environment and the OCR wheel's files
 INC_VENV = PEERS_DIR / "inc"
 # onnxruntime 1.18 has no QLinearMatMul kernel for the opset-21 models mpqc hands out; 1.20 has.
@@ -386,11 +389,20 @@ def mpqc_build(case: Case, policy: list[str], out: pathlib.Path, tables: pathlib
     rc, error = mpqc(args, out.with_name(out.name + ".build.log"), timeout_s)
     if rc != 0 and "mpqc profile" in error:
         profile_start = time.perf_counter()
-        profile_args = ["profile", case.spec, "--target", "ort-cpu", "--tables", str(tables), *case.mpqc_args,
-                        *profile_extra]
-        prc, perror = mpqc(profile_args, out.with_name(out.name + ".profile.log"), timeout_s)
+        profile_args = ["profile", case.spec, "--target", "ort-cpu", "--tables", str(tables), *case.mpqc_args]
+        refusals = []
+        # As the refusal says: profile again (the layer measurements are kept); `profile_extra`
+        # (--force-fit) only once every attempt has been refused.
+        for attempt in range(PROFILE_ATTEMPTS + bool(profile_extra)):
+            if attempt == PROFILE_ATTEMPTS:
+                profile_args += profile_extra
+            prc, perror = mpqc(profile_args, out.with_name(out.name + f".profile-{attempt}.log"), timeout_s)
+            if prc == 0 or "the fit was not written" not in perror:
+                break
+            refusals.append(perror)
         record["profile_s"] = time.perf_counter() - profile_start
         record["profile_command"] = "mpqc " + " ".join(profile_args)  # --force-fit shows here where given
+        record["profile_refusals"] = refusals  # every refused fit, in order: none written
         log_lines += [f"mpqc {' '.join(args)}  # asked for a profile", f"mpqc {' '.join(profile_args)}"]
         if prc != 0:
             return record | {"error": f"mpqc profile: {perror}"}
@@ -446,7 +458,7 @@ def mpqc_front(case: Case, folder: pathlib.Path, tables: pathlib.Path, timeout_s
                  "dropped_by_measurement": dropped} | record]
     points[0] |= {"search_build_s": record["build_s"], "dropped_by_measurement": dropped,
                   "predicted_front_points": len(front["points"])}
-    points[0] |= {key: record[key] for key in ("profile_s", "profile_command") if key in record}
+    points[0] |= {key: record[key] for key in ("profile_s", "profile_command", "profile_refusals") if key in record}
     return points
 
 
@@ -738,7 +750,8 @@ def main() -> int:
     parser.add_argument("--step-timeout", type=int, default=7200, help="limit for one mpqc command, seconds")
     parser.add_argument("--fresh-tables", action="store_true", help="profile from an empty latency table")
     parser.add_argument("--profile-force-fit", action="store_true",
-                        help="pass --force-fit to mpqc profile (writes the boundary fit even on a noisy machine)")
+                        help=f"after {PROFILE_ATTEMPTS} refused profiles, pass --force-fit to mpqc profile (writes the boundary fit "
+                             "even on a noisy machine; the table records why)")
     parser.add_argument("--ocr-fixed-size", action="store_true",
                         help=f"give every method the detector with height and width pinned at {OCR_SIZE} instead of open, as shipped")
     parser.add_argument("--work", help="keep the models and logs in this folder (default: a temporary one)")

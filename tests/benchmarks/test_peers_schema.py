@@ -100,3 +100,40 @@ def test_the_committed_result_fits_the_schema(peers):
     data = json.loads(RESULT.read_text(), parse_constant=lambda name: math.nan)
     assert peers.schema_problems(data) == []
     assert set(data["models"]) <= set(peers.MODELS)
+
+
+def test_a_refused_profile_is_run_again_and_forced_only_when_asked_after_every_refusal(peers, tmp_path, monkeypatch):
+    """What the refusal tells a user: profile again; --profile-force-fit forces only the last try.
+    (The mpqc commands are replayed: a noisy machine cannot be made to order.)"""
+    refused = "mpqc: error: this machine is too noisy to fit a latency model: ...; the fit was not written (...)"
+    case = peers.Case("m", "m.onnx", "cosine_mean", tmp_path / "m.onnx", {}, {}, tmp_path / "c.npz", tmp_path / "h.npz", [], {})
+
+    def replay(accepting_after: int):
+        calls = []
+
+        def mpqc(args, log, timeout_s):
+            calls.append(args)
+            if args[0] == "build":
+                return (1, "mpqc: error: ...; run 'mpqc profile m.onnx'") if len(calls) == 1 else (0, "")
+            accepted = len(calls) - 1 > accepting_after or "--force-fit" in args
+            return (0, "") if accepted else (2, refused)
+
+        monkeypatch.setattr(peers, "mpqc", mpqc)
+        return calls
+
+    calls = replay(accepting_after=2)
+    record = peers.mpqc_build(case, ["--policy", "search"], tmp_path / "out", tmp_path, 60, [], ("--force-fit",))
+    profiles = [c for c in calls if c[0] == "profile"]
+    assert len(profiles) == 3 and not any("--force-fit" in c for c in profiles)
+    assert record["profile_refusals"] == [refused, refused] and "error" not in record
+
+    calls = replay(accepting_after=99)
+    record = peers.mpqc_build(case, ["--policy", "search"], tmp_path / "out", tmp_path, 60, [], ())
+    assert len([c for c in calls if c[0] == "profile"]) == peers.PROFILE_ATTEMPTS
+    assert record["error"] == f"mpqc profile: {refused}" and len(record["profile_refusals"]) == peers.PROFILE_ATTEMPTS
+
+    calls = replay(accepting_after=99)
+    record = peers.mpqc_build(case, ["--policy", "search"], tmp_path / "out", tmp_path, 60, [], ("--force-fit",))
+    profiles = [c for c in calls if c[0] == "profile"]
+    assert len(profiles) == peers.PROFILE_ATTEMPTS + 1 and "--force-fit" in profiles[-1]
+    assert "error" not in record and len(record["profile_refusals"]) == peers.PROFILE_ATTEMPTS
