@@ -98,10 +98,12 @@ PROXIES = {"mnist-cnn": mnist_proxies, "mnist-dsnet": mnist_proxies, "efficientn
 class Evaluator:
     """Lowers a policy after one shared calibration, scores it on the held-out set and times it."""
 
-    def __init__(self, analysis, target, example, runs: int):
+    def __init__(self, analysis, target, example, runs: int, heldout=None):
+        """`heldout`: (feeds, labels, source of each sample) instead of the example's held-out set;
+        results then also carry the metrics per source (for intervals clustered by source)."""
         self.lowering = Lowering.prepare(analysis, target, example.proxy_feeds(None))
         self.target, self.example, self.runs = target, example, runs
-        self.eval_feeds, self.labels = example.eval_feeds()
+        self.eval_feeds, self.labels, self.sources = heldout if heldout is not None else (*example.eval_feeds(), None)
         self.reference = OrtRunner(self.lowering.float_model.SerializeToString(), target).run_batched(self.eval_feeds)
         self.timing_feeds = first_batch(self.eval_feeds, 1)
         self.seen: dict[tuple, dict] = {}
@@ -114,18 +116,32 @@ class Evaluator:
 
     def metric(self, outputs: np.ndarray) -> float:
         """Top-1 accuracy (%) where there are labels, else top-1 agreement with FP32 (%)."""
-        if self.labels is not None:
-            return 100.0 * float(np.mean(outputs.argmax(1) == self.labels))
-        return 100.0 * float(np.mean(outputs.argmax(1) == self.reference.argmax(1)))
+        return float(self._hits(outputs).mean())
+
+    def _hits(self, outputs: np.ndarray) -> np.ndarray:
+        truth = self.labels if self.labels is not None else self.reference.argmax(1)
+        return 100.0 * (outputs.argmax(1) == truth)
 
     def kl_divergence(self, outputs: np.ndarray) -> float:
         """Mean KL(FP32 || quantized) of the softmax outputs, in nats: finer-grained than top-1."""
+        return float(self._kl(outputs).mean())
+
+    def _kl(self, outputs: np.ndarray) -> np.ndarray:
         def log_softmax(x):
             shifted = x - x.max(axis=1, keepdims=True)
             return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
         reference, candidate = log_softmax(self.reference.astype(np.float64)), log_softmax(outputs.astype(np.float64))
-        return float((np.exp(reference) * (reference - candidate)).sum(axis=1).mean())
+        return (np.exp(reference) * (reference - candidate)).sum(axis=1)
+
+    def by_source(self, outputs: np.ndarray) -> dict | None:
+        """Per source of the held-out samples: their count, metric and KL divergence."""
+        if self.sources is None:
+            return None
+        sources = np.asarray(self.sources)
+        hits, kl = self._hits(outputs), self._kl(outputs)
+        return {name: {"samples": int((sources == name).sum()), "metric": float(hits[sources == name].mean()),
+                       "kl_divergence": float(kl[sources == name].mean())} for name in dict.fromkeys(self.sources)}
 
     def __call__(self, assignments: dict[str, str]) -> dict:
         key = tuple(sorted(assignments.items()))
@@ -136,6 +152,8 @@ class Evaluator:
             latency = measure_latency(runner, self.timing_feeds, warmup=5, runs=self.runs)
             self.seen[key] = {"metric": self.metric(outputs), "kl_divergence": self.kl_divergence(outputs),
                               "measured_ms": latency.median_ms}
+            if self.sources is not None:
+                self.seen[key]["by_source"] = self.by_source(outputs)
         return self.seen[key]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 
 import numpy as np
 
@@ -142,3 +143,33 @@ def sample_image_crops(count: int, seed: int = 0) -> np.ndarray:
     images = [np.asarray(image, dtype=np.float64) for image in load_sample_images().images]
     crops = [_random_crop(images[i % len(images)], np.random.default_rng((seed, _OTHER_DATASET_ID, i))) for i in range(count)]
     return normalize(np.stack(crops))
+
+
+# matplotlib ships one more colour photograph (its other sample pictures are drawings, plots or
+# 128-px icons): with EVAL_PHOTOS, a fifth held-out source for studies that need more crops.
+MATPLOTLIB_PHOTOS = ("grace_hopper.jpg",)
+_STUDY_ID = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _matplotlib_photo(name: str) -> np.ndarray:
+    import matplotlib
+    from skimage import io
+
+    image = io.imread(pathlib.Path(matplotlib.get_data_path()) / "sample_data" / name).astype(np.float64)
+    image.setflags(write=False)
+    return image
+
+
+def heldout_study_crops(per_photo: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``per_photo`` crops of each held-out photograph (EVAL_PHOTOS and MATPLOTLIB_PHOTOS), made like
+    ``photo_crops``, and the source photograph of every crop (for intervals clustered by photograph)."""
+    if per_photo < 1:
+        raise ValueError(f"per_photo must be positive, got {per_photo}")
+    sources = [(name, load_photo(name)) for name in EVAL_PHOTOS] + [(name, _matplotlib_photo(name)) for name in MATPLOTLIB_PHOTOS]
+    crops, names = [], []
+    for index, (name, image) in enumerate(sources):
+        for i in range(per_photo):
+            crops.append(_random_crop(image, np.random.default_rng((seed, _STUDY_ID, index, i))))
+            names.append(name if name in EVAL_PHOTOS else f"matplotlib:{name}")
+    return normalize(np.stack(crops)), tuple(names)

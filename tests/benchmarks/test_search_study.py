@@ -57,3 +57,23 @@ def test_paired_differences_gaps_and_the_ablation(study):
     assert ablation["identical_policies"] == 6 and ablation["policies"] == 12
     assert ablation["seam_minus_limpq"]["mean"] == 0.0
     assert summary["cost"]["limpq"]["iterations"] == [3] * 6
+    # Each variant's small and other-dataset proxies against its full proxy, same seed and budget.
+    gaps = summary["proxy_minus_full"]["limpq"]
+    assert gaps["4pct"]["metric"]["mean"] == pytest.approx(-1.0) and gaps["4pct"]["metric"]["cells"] == 4
+    assert gaps["other"]["metric"]["mean"] == pytest.approx(-5.0) and gaps["other"]["kl_divergence"]["mean"] == pytest.approx(5.0)
+    assert "interval_clustered_by_source" not in gaps["4pct"]["metric"]  # no per-source metrics here
+
+
+def test_intervals_clustered_by_source_widen_with_the_photographs(study):
+    """Two photographs of 10 and 30 crops; one variant is 2 points better on the first only: pooled
+    +0.5 in every cell, so the cells alone say [0.5, 0.5], while drawing photographs spans 0 to 2."""
+    def result(metric_a, metric_b):
+        by_source = {"a": {"samples": 10, "metric": metric_a, "kl_divergence": 0.0},
+                     "b": {"samples": 30, "metric": metric_b, "kl_divergence": 0.0}}
+        return {"metric": (10 * metric_a + 30 * metric_b) / 40, "kl_divergence": 0.0, "by_source": by_source}
+
+    pairs = [(result(92.0, 90.0), result(90.0, 90.0)) for _ in range(6)]
+    found = study._differences(pairs, "metric")
+    assert found["mean"] == pytest.approx(0.5) and found["interval"] == pytest.approx([0.5, 0.5])
+    low, high = found["interval_clustered_by_source"]
+    assert low == pytest.approx(0.0) and high == pytest.approx(2.0)

@@ -96,6 +96,16 @@ def test_photo_splits_are_disjoint_and_deterministic():
         photos.photo_crops("train", 4)
 
 
+def test_study_heldout_crops_come_from_five_photographs_none_of_them_the_proxys():
+    crops, sources = photos.heldout_study_crops(3)
+    assert crops.shape == (15, 3, 224, 224) and crops.dtype == np.float32 and -1.0 <= crops.min() and crops.max() <= 1.0
+    assert sources == tuple(name for name in (*photos.EVAL_PHOTOS, "matplotlib:grace_hopper.jpg") for _ in range(3))
+    assert not set(sources) & set(photos.PROXY_PHOTOS)
+    assert len({crop.tobytes() for crop in crops}) == 15
+    again, _ = photos.heldout_study_crops(3)
+    assert np.array_equal(crops, again)
+
+
 def test_fidelity_metrics():
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(32, 1000)) * 3
