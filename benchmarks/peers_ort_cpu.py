@@ -462,8 +462,18 @@ def mpqc_front(case: Case, folder: pathlib.Path, tables: pathlib.Path, timeout_s
                 entry["same_bytes_as_build"] = (out / "model.qdq.onnx").read_bytes() == (build_dir / "model.qdq.onnx").read_bytes()
         points.append(entry)
     if not points:
-        return [{"method": "mpqc:front", "error": "no lowered policy is on the build's measured front (FP32 beat them all)",
-                 "dropped_by_measurement": dropped} | record]
+        built = next((m for m in measured["points"] if m["source"] == measured["built"]), None)
+        if built is None or built["layers"] is None or any(p != "fp32" for p in built["layers"].values()):
+            return [{"method": "mpqc:front", "error": "no lowered policy is on the build's measured front (FP32 beat them all)",
+                     "dropped_by_measurement": dropped} | record]
+        # FP32 beat every quantized policy, so the build returned its float model: mpqc's graph
+        # rewrites (folds, fused activations) and no quantized layer. It is what the user gets.
+        points.append({"method": "mpqc:front", "source": built["source"], "float_only": True,
+                       "note": "no quantized policy is on the build's measured front: this is the float model the build "
+                               "returned (mpqc's graph rewrites, every layer fp32)",
+                       "predicted_ms": built["predicted_ms"], "build_measured_ms": built["measured_ms"],
+                       "build_fidelity": built["fidelity"], "build_fidelity_metric": measured["metric"],
+                       "counts": _counts(built["layers"]), "built_point": True, "model": build_dir / "model.qdq.onnx"})
     points[0] |= {"search_build_s": record["build_s"], "dropped_by_measurement": dropped,
                   "predicted_front_points": len(front["points"])}
     points[0] |= {key: record[key] for key in ("profile_s", "profile_command", "profile_refusals") if key in record}

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx_ir as ir
 
-_DEFAULT = ("", "ai.onnx")
+from mpqc.passes.constants import DEFAULT_DOMAIN, clip_limits, scalar
+
+_DEFAULT = DEFAULT_DOMAIN
 Bounds = tuple[float, float]
 UNBOUNDED: Bounds = (-math.inf, math.inf)
 
@@ -60,22 +61,11 @@ def _pull_back(bounds: Bounds, scale: float, offset: float) -> Bounds:
     return ((bounds[0] - offset) / scale, (bounds[1] - offset) / scale)
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    """The value of a scalar (or one-element) constant input, else None."""
-    if value is None or value.const_value is None:
-        return None
-    array = value.const_value.numpy()
-    if array.size != 1 or not np.issubdtype(array.dtype, np.floating):
-        return None
-    number = float(array.reshape(()))
-    return number if math.isfinite(number) else None
-
-
 def _affine_step(node: ir.Node, index: int) -> tuple[float, float] | None:
     """(scale, offset) of an increasing scalar affine op on input `index`, else None."""
     if len(node.inputs) != 2 or node.op_type not in ("Mul", "Add", "Sub", "Div"):
         return None
-    constant = _scalar(node.inputs[1 - index])
+    constant = scalar(node.inputs[1 - index])
     if constant is None:
         return None
     if node.op_type == "Add":
@@ -97,17 +87,9 @@ def _clamp_bounds(node: ir.Node) -> Bounds | None:
         beta = node.attributes.get_float("beta", 0.5)
         return ((0.0 - beta) / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
     if node.op_type == "Clip":
-        low, high = _clip_limits(node)
+        low, high = clip_limits(node)
         return None if low is None and high is None else (-math.inf if low is None else low, math.inf if high is None else high)
     return None
-
-
-def _clip_limits(node: ir.Node) -> tuple[float | None, float | None]:
-    """A Clip's constant (min, max); None for an absent bound or one computed at run time."""
-    if "min" in node.attributes or "max" in node.attributes:  # opset < 11
-        return node.attributes.get_float("min", None), node.attributes.get_float("max", None)
-    limits = list(node.inputs[1:3]) + [None] * (3 - len(node.inputs))
-    return tuple(None if limit is None else _scalar(limit) for limit in limits[:2])
 
 
 def _hard_swish_lower_bound(value: ir.Value, uses) -> float | None:
@@ -115,7 +97,7 @@ def _hard_swish_lower_bound(value: ir.Value, uses) -> float | None:
     if len(uses) != 2:
         return None
     adds = [node for node, index in uses if node.op_type == "Add" and node.domain in _DEFAULT
-            and _scalar(node.inputs[1 - index]) == 3.0]
+            and scalar(node.inputs[1 - index]) == 3.0]
     muls = [node for node, _ in uses if node.op_type == "Mul" and node.domain in _DEFAULT]
     if len(adds) != 1 or len(muls) != 1:
         return None
@@ -124,7 +106,7 @@ def _hard_swish_lower_bound(value: ir.Value, uses) -> float | None:
     if shifted.is_graph_output() or len(clip_uses) != 1 or clip_uses[0][0].op_type != "Clip":
         return None
     clip = clip_uses[0][0]
-    if clip.domain not in _DEFAULT or _clip_limits(clip) != (0.0, 6.0) or clip.outputs[0].is_graph_output():
+    if clip.domain not in _DEFAULT or clip_limits(clip) != (0.0, 6.0) or clip.outputs[0].is_graph_output():
         return None
     gate = list(clip.outputs[0].uses())
     if len(gate) != 1 or gate[0][0] is not muls[0]:

@@ -60,7 +60,7 @@ def _next_step(conv: ir.Node, channels: int, rank: int) -> tuple[ir.Node, np.nda
         return None
     if node.op_type in ("Sub", "Div") and index != 0:
         return None  # c - x and c / x are not affine in x the same way
-    constant = _per_channel(node.inputs[1 - index], channels, rank)
+    constant = per_channel(node.inputs[1 - index], channels, rank)
     if constant is None:
         return None
     ones, zeros = np.ones(channels), np.zeros(channels)
@@ -73,7 +73,7 @@ def _next_step(conv: ir.Node, channels: int, rank: int) -> tuple[ir.Node, np.nda
     return (node, *step) if np.all(np.isfinite(step[0])) else None
 
 
-def _per_channel(value: ir.Value | None, channels: int, weight_rank: int) -> np.ndarray | None:
+def per_channel(value: ir.Value | None, channels: int, weight_rank: int) -> np.ndarray | None:
     """A constant as one float64 number per output channel, when it is per-tensor or per-channel
     along the channel axis of an NC... activation; else None."""
     if value is None or value.const_value is None:

@@ -13,7 +13,9 @@ from mpqc.frontend.torch_export import MODULE_MAP_KEY
 from mpqc.passes.check_weights import CheckWeightsPass
 from mpqc.passes.fold_affine import FoldConvAffinePass
 from mpqc.passes.fold_batchnorm import FoldBatchNormPass
+from mpqc.passes.fold_input_affine import FoldConvInputAffinePass
 from mpqc.passes.fold_weight_casts import FoldWeightCastsPass
+from mpqc.passes.fuse_hardswish import FuseHardSwishPass
 from mpqc.passes.lift_constants import LiftConstantWeightsPass
 
 
@@ -24,6 +26,8 @@ def canonical_passes() -> ir.passes.Sequential:
         CheckWeightsPass(),  # before folding, so a refusal names the model's own tensor
         FoldBatchNormPass(),
         FoldConvAffinePass(),  # after BatchNorm: a BN between the conv and its affine folds first
+        FuseHardSwishPass(),
+        FoldConvInputAffinePass(),  # after the output-side fold, which takes a conv -> affine -> conv chain first
         common.RemoveUnusedNodesPass(),
         # Exporters record stack traces with local paths: drop them so the bytes we write depend
         # only on the model, not on where it was built.
