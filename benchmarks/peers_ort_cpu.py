@@ -300,7 +300,7 @@ def ort_quantize(case: Case, op_types: list[str] | None, out: pathlib.Path, time
     if rc != 0 or not out.is_file():
         return {"error": f"ONNX Runtime's quantizer exited with status {rc}: {_last_line(log.read_text(errors='replace'))}"}
     pre = out.with_name("fp32-preprocessed.json")
-    pre_settings = json.loads(pre.read_text()) if pre.is_file() else "?"
+    pre_settings = json.loads(pre.read_text()).get("settings", "?") if pre.is_file() else "?"
     return {"model": out, "settings": {"quant_format": "QDQ", "per_channel": True, "activation_type": "QUInt8",
                                        "weight_type": "QInt8", "calibrate_method": "MinMax",
                                        "op_types_to_quantize": op_types or "all",

@@ -8,8 +8,8 @@ which the quantizer imports, needs):
         [--op-types Conv Gemm MatMul] [--preprocessed fp32-pre.onnx]
 
 `quant_pre_process` first, as ONNX Runtime recommends (with the first of PRE_PROCESS's settings
-that works; its output is kept at --preprocessed, its settings in a .json beside it, and reused
-when it is there), then `quantize_static`: QDQ,
+that works; its output is kept at --preprocessed, its settings and the FP32 model's SHA-256 in a
+.json beside it, and reused while the FP32 model is the same), then `quantize_static`: QDQ,
 per-channel, QUInt8 activations, QInt8 weights, calibrated (MinMax) on every sample of --calib (one
 array per model input, samples on axis 0), one sample per run; all op types it quantizes, or
 --op-types only.
@@ -18,6 +18,7 @@ array per model input, samples on axis 0), one sample per run; all op types it q
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import sys
@@ -48,6 +49,10 @@ class Samples(CalibrationDataReader):
 PRE_PROCESS = ({}, {"auto_merge": True}, {"skip_symbolic_shape": True})
 
 
+def fp32_sha256(model: str) -> str:
+    return hashlib.sha256(pathlib.Path(model).read_bytes()).hexdigest()
+
+
 def pre_process(model: str, prepared: pathlib.Path) -> None:
     """quant_pre_process with the first of PRE_PROCESS that works; the settings go beside the model."""
     for settings in PRE_PROCESS:
@@ -58,8 +63,16 @@ def pre_process(model: str, prepared: pathlib.Path) -> None:
                 raise
             print(f"quant_pre_process({settings}) failed: {type(exc).__name__}: {exc}", flush=True)
             continue
-        prepared.with_suffix(".json").write_text(json.dumps(settings) + "\n")
+        record = {"settings": settings, "fp32_sha256": fp32_sha256(model)}
+        prepared.with_suffix(".json").write_text(json.dumps(record) + "\n")
         return
+
+
+def _prepared_from(prepared: pathlib.Path) -> str | None:
+    try:
+        return json.loads(prepared.with_suffix(".json").read_text()).get("fp32_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main() -> int:
@@ -71,8 +84,8 @@ def main() -> int:
     parser.add_argument("--preprocessed", help="where quant_pre_process's model is kept (default: beside --out)")
     args = parser.parse_args()
     prepared = pathlib.Path(args.preprocessed or pathlib.Path(args.out).with_name("fp32-preprocessed.onnx"))
-    if not prepared.is_file():
-        pre_process(args.model, prepared)
+    if not (prepared.is_file() and _prepared_from(prepared) == fp32_sha256(args.model)):
+        pre_process(args.model, prepared)  # none yet, or made from another FP32 model
     quantize_static(str(prepared), args.out, Samples(args.calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=args.op_types)
     return 0
