@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import pathlib
 import sys
@@ -33,8 +34,10 @@ from mpqc.versions import machine, versions
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-import peers_ort_cpu  # noqa: E402  (the OCR model file and crops, as the peers harness makes them)
+# The OCR model file and crops, as the peers harness makes them (loaded from its file).
+_SPEC = importlib.util.spec_from_file_location("peers_ort_cpu", HERE / "peers_ort_cpu.py")
+peers_ort_cpu = sys.modules.setdefault("peers_ort_cpu", importlib.util.module_from_spec(_SPEC))
+_SPEC.loader.exec_module(peers_ort_cpu)
 
 
 def _inputs(name: str, analysis) -> tuple[str, dict[str, np.ndarray]]:
