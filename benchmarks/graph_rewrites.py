@@ -20,7 +20,6 @@ import importlib.util
 import json
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 import onnx
@@ -40,20 +39,15 @@ peers_ort_cpu = sys.modules.setdefault("peers_ort_cpu", importlib.util.module_fr
 _SPEC.loader.exec_module(peers_ort_cpu)
 
 
-def _inputs(name: str, analysis) -> tuple[str, dict[str, np.ndarray]]:
-    """The exported model's path and held-out inputs for it."""
-    if name == "ppocrv4-det":
-        source, _ = peers_ort_cpu.ocr_model_file()
-        return str(source), {analysis.loaded.input_names[0]: peers_ort_cpu.ocr_crops("heldout")}
-    eval_feeds, _ = analysis.loaded.example.eval_feeds()
-    return None, eval_feeds
-
-
-def run(name: str, rounds: int, folder: pathlib.Path) -> dict:
+def run(name: str, rounds: int) -> dict:
     target = load_target("ort-cpu")
-    spec = str(peers_ort_cpu.ocr_model_file()[0]) if name == "ppocrv4-det" else name
-    analysis = analyze(spec)
-    path, feeds = _inputs(name, analysis)
+    if name == "ppocrv4-det":
+        path = str(peers_ort_cpu.ocr_model_file()[0])
+        analysis = analyze(path)
+        feeds = {analysis.loaded.input_names[0]: peers_ort_cpu.ocr_crops("heldout")}
+    else:
+        path, analysis = None, analyze(name)
+        feeds, _ = analysis.loaded.example.eval_feeds()
     exported = onnx.load(path).SerializeToString() if path else analysis.loaded.model.SerializeToString()
     rewritten = ir.to_proto(analysis.model).SerializeToString()
     backend = backend_for(target)
@@ -83,14 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args(argv)
     results = {"machine": machine(), "versions": versions(), "models": {}}
-    with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            print(f"{name}: measuring", file=sys.stderr, flush=True)
-            results["models"][name] = run(name, args.rounds, pathlib.Path(folder))
-            r = results["models"][name]
-            print(f"  exported {r['exported_ms']:.2f} ms, rewritten {r['rewritten_ms']:.2f} ms, paired speed-up "
-                  f"{r['paired_speedup_median']:.3f} [{r['paired_speedup_range'][0]:.3f}, {r['paired_speedup_range'][1]:.3f}], "
-                  f"max |diff| {r['max_abs_output_difference']:.2e}", file=sys.stderr, flush=True)
+    for name in args.models:
+        print(f"{name}: measuring", file=sys.stderr, flush=True)
+        results["models"][name] = r = run(name, args.rounds)
+        print(f"  exported {r['exported_ms']:.2f} ms, rewritten {r['rewritten_ms']:.2f} ms, paired speed-up "
+              f"{r['paired_speedup_median']:.3f} [{r['paired_speedup_range'][0]:.3f}, {r['paired_speedup_range'][1]:.3f}], "
+              f"max |diff| {r['max_abs_output_difference']:.2e}", file=sys.stderr, flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "graph_rewrites.json"
     out.write_text(json.dumps(results, indent=1) + "\n")

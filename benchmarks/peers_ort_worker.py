@@ -53,7 +53,7 @@ def fp32_sha256(model: str) -> str:
     return hashlib.sha256(pathlib.Path(model).read_bytes()).hexdigest()
 
 
-def pre_process(model: str, prepared: pathlib.Path) -> None:
+def pre_process(model: str, prepared: pathlib.Path, model_sha256: str) -> None:
     """quant_pre_process with the first of PRE_PROCESS that works; the settings go beside the model."""
     for settings in PRE_PROCESS:
         try:
@@ -63,7 +63,7 @@ def pre_process(model: str, prepared: pathlib.Path) -> None:
                 raise
             print(f"quant_pre_process({settings}) failed: {type(exc).__name__}: {exc}", flush=True)
             continue
-        record = {"settings": settings, "fp32_sha256": fp32_sha256(model)}
+        record = {"settings": settings, "fp32_sha256": model_sha256}
         prepared.with_suffix(".json").write_text(json.dumps(record) + "\n")
         return
 
@@ -84,8 +84,9 @@ def main() -> int:
     parser.add_argument("--preprocessed", help="where quant_pre_process's model is kept (default: beside --out)")
     args = parser.parse_args()
     prepared = pathlib.Path(args.preprocessed or pathlib.Path(args.out).with_name("fp32-preprocessed.onnx"))
-    if not (prepared.is_file() and _prepared_from(prepared) == fp32_sha256(args.model)):
-        pre_process(args.model, prepared)  # none yet, or made from another FP32 model
+    model_sha256 = fp32_sha256(args.model)
+    if not (prepared.is_file() and _prepared_from(prepared) == model_sha256):
+        pre_process(args.model, prepared, model_sha256)  # none yet, or made from another FP32 model
     quantize_static(str(prepared), args.out, Samples(args.calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=args.op_types)
     return 0

@@ -20,7 +20,6 @@ import onnx_ir as ir
 
 from mpqc.passes.constants import DEFAULT_DOMAIN, clip_limits, scalar
 
-_DEFAULT = DEFAULT_DOMAIN
 Bounds = tuple[float, float]
 UNBOUNDED: Bounds = (-math.inf, math.inf)
 
@@ -36,7 +35,7 @@ def live_bounds(value: ir.Value) -> Bounds:
         if len(uses) != 1:
             break
         node = uses[0][0]
-        if node.domain not in _DEFAULT:
+        if node.domain not in DEFAULT_DOMAIN:
             break
         clamp = _clamp_bounds(node)
         if clamp is not None:
@@ -96,9 +95,9 @@ def _hard_swish_lower_bound(value: ir.Value, uses) -> float | None:
     """-3 when `value` is read only as x * Clip(x + 3, 0, 6): exported hard-swish is 0 below -3."""
     if len(uses) != 2:
         return None
-    adds = [node for node, index in uses if node.op_type == "Add" and node.domain in _DEFAULT
+    adds = [node for node, index in uses if node.op_type == "Add" and node.domain in DEFAULT_DOMAIN
             and scalar(node.inputs[1 - index]) == 3.0]
-    muls = [node for node, _ in uses if node.op_type == "Mul" and node.domain in _DEFAULT]
+    muls = [node for node, _ in uses if node.op_type == "Mul" and node.domain in DEFAULT_DOMAIN]
     if len(adds) != 1 or len(muls) != 1:
         return None
     shifted = adds[0].outputs[0]
@@ -106,7 +105,7 @@ def _hard_swish_lower_bound(value: ir.Value, uses) -> float | None:
     if shifted.is_graph_output() or len(clip_uses) != 1 or clip_uses[0][0].op_type != "Clip":
         return None
     clip = clip_uses[0][0]
-    if clip.domain not in _DEFAULT or clip_limits(clip) != (0.0, 6.0) or clip.outputs[0].is_graph_output():
+    if clip.domain not in DEFAULT_DOMAIN or clip_limits(clip) != (0.0, 6.0) or clip.outputs[0].is_graph_output():
         return None
     gate = list(clip.outputs[0].uses())
     if len(gate) != 1 or gate[0][0] is not muls[0]:

@@ -56,7 +56,16 @@ def _next_step(conv: ir.Node, channels: int, rank: int) -> tuple[ir.Node, np.nda
     if output.is_graph_output() or len(uses) != 1:
         return None
     node, index = uses[0]
-    if node.op_type not in _STEPS or node.domain != "" or len(node.inputs) != 2 or len(node.outputs) != 1:
+    if node.domain != "" or len(node.outputs) != 1:
+        return None
+    step = affine_step(node, index, channels, rank)
+    return None if step is None else (node, *step)
+
+
+def affine_step(node: ir.Node, index: int, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(factor, shift) per channel where `node` computes y = x * factor + shift of its input `index`
+    with a per-tensor or per-channel constant as the other input; else None."""
+    if node.op_type not in _STEPS or len(node.inputs) != 2:
         return None
     if node.op_type in ("Sub", "Div") and index != 0:
         return None  # c - x and c / x are not affine in x the same way
@@ -67,10 +76,11 @@ def _next_step(conv: ir.Node, channels: int, rank: int) -> tuple[ir.Node, np.nda
     if node.op_type == "Mul":
         step = constant, zeros
     elif node.op_type == "Div":
-        step = 1.0 / constant, zeros
+        with np.errstate(divide="ignore"):  # a zero divisor: refused below
+            step = 1.0 / constant, zeros
     else:
         step = ones, constant if node.op_type == "Add" else -constant
-    return (node, *step) if np.all(np.isfinite(step[0])) else None
+    return step if np.all(np.isfinite(step[0])) else None
 
 
 def per_channel(value: ir.Value | None, channels: int, weight_rank: int) -> np.ndarray | None:

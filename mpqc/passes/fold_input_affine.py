@@ -17,17 +17,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from mpqc.passes.constants import DEFAULT_DOMAIN
 from mpqc.passes.conv_rewrite import replace_weights
-from mpqc.passes.fold_affine import per_channel
-
-_STEPS = ("Mul", "Div", "Add", "Sub")
+from mpqc.passes.fold_affine import affine_step
 
 
 class FoldConvInputAffinePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in list(model.graph):
-            if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and _fold_into(model.graph, node):
+            if node.op_type == "Conv" and node.domain in DEFAULT_DOMAIN and _fold_into(model.graph, node):
                 modified = True
         return ir.passes.PassResult(model, modified)
 
@@ -35,12 +34,14 @@ class FoldConvInputAffinePass(ir.passes.InPlacePass):
 def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
     weight = conv.inputs[1].const_value if len(conv.inputs) > 1 and conv.inputs[1] is not None else None
     bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-    if weight is None or (bias_value is not None and bias_value.const_value is None) or weight.numpy().ndim < 3:
+    if weight is None or (bias_value is not None and bias_value.const_value is None):
         return False
     w = weight.numpy().astype(np.float64)
+    if w.ndim < 3:
+        return False
     groups = conv.attributes.get_int("group", 1)
     in_channels = w.shape[1] * groups
-    chain = _chain_before(conv, in_channels, w.ndim)
+    chain, source = _chain_before(conv, in_channels, w.ndim)
     if not chain:
         return False
     scale, shift = np.ones(in_channels), np.zeros(in_channels)
@@ -50,8 +51,8 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
         return False
     leftover = None  # the shift a padded conv cannot take
     if np.any(shift != 0) and _pads_anything(conv):
-        if np.any(scale == 0):
-            return False
+        if np.any(scale == 0) or (len(chain) == 1 and chain[0][0].op_type in ("Add", "Sub")):
+            return False  # a zero scale cannot carry the shift; a lone shift leaves nothing to gain
         # a x + b = a (x + b / a), and the padded zeros stay zeros under a: one Add is left.
         leftover, shift = shift / scale, np.zeros(in_channels)
     # The input channel each weight entry reads: group g of the outputs reads channels g*(C/g) ...
@@ -61,14 +62,9 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
     spatial = tuple(range(2, w.ndim))
     b = b + (w.sum(axis=spatial) * shift[channel]).sum(axis=1)
     w = w * scale[channel].reshape(*channel.shape, *([1] * len(spatial)))
-    first = chain[0][0]
-    data_index = 0 if first.inputs[0] is not None and first.inputs[0].const_value is None else 1
-    source = first.inputs[data_index]
     if leftover is not None:
-        if len(chain) == 1 and chain[0][0].op_type in ("Add", "Sub"):
-            return False  # a lone shift before a padded conv: nothing to gain
-        shape = () if np.all(leftover == leftover[0]) else (1, in_channels) + (1,) * (w.ndim - 2)
-        constant = leftover[:1].reshape(shape) if shape == () else leftover.reshape(shape)
+        uniform = np.all(leftover == leftover[0])
+        constant = np.asarray(leftover[0]) if uniform else leftover.reshape((1, in_channels) + (1,) * (w.ndim - 2))
         offset = ir.Value(name=f"{conv.name}.input_shift", const_value=ir.tensor(constant.astype(np.float32)))
         graph.register_initializer(offset)
         add = ir.Node("", "Add", [source, offset], name=f"{conv.name}.input_shift_add")
@@ -81,33 +77,25 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
     return True
 
 
-def _chain_before(conv: ir.Node, channels: int, rank: int) -> list[tuple[ir.Node, np.ndarray, np.ndarray]]:
-    """The affine ops computing the conv's input, first one first; each value read only by the next."""
+def _chain_before(conv: ir.Node, channels: int, rank: int) -> tuple[list[tuple[ir.Node, np.ndarray, np.ndarray]], ir.Value]:
+    """The affine ops computing the conv's input, first one first (each value read only by the next),
+    and the value the first one reads."""
     chain = []
     value = conv.inputs[0]
     while value is not None and not value.is_graph_output() and len(value.uses()) == 1:
         node = value.producer()
-        if node is None or node.op_type not in _STEPS or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if node is None or node.domain not in DEFAULT_DOMAIN or len(node.inputs) != 2:
             break
         constants = [index for index in (0, 1) if node.inputs[index] is not None and node.inputs[index].const_value is not None]
         if len(constants) != 1:
             break
         data = 1 - constants[0]
-        if node.op_type in ("Sub", "Div") and data != 0:
-            break  # c - x and c / x are not affine in x the same way
-        constant = per_channel(node.inputs[constants[0]], channels, rank)
-        if constant is None:
+        step = affine_step(node, data, channels, rank)
+        if step is None:
             break
-        if node.op_type == "Div" and np.any(constant == 0):
-            break
-        ones, zeros = np.ones(channels), np.zeros(channels)
-        if node.op_type in ("Mul", "Div"):
-            step = (constant if node.op_type == "Mul" else 1.0 / constant), zeros
-        else:
-            step = ones, (constant if node.op_type == "Add" else -constant)
         chain.append((node, *step))
         value = node.inputs[data]
-    return list(reversed(chain))
+    return list(reversed(chain)), value
 
 
 def _pads_anything(conv: ir.Node) -> bool:
