@@ -62,6 +62,9 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
     spatial = tuple(range(2, w.ndim))
     b = b + (w.sum(axis=spatial) * shift[channel]).sum(axis=1)
     w = w * scale[channel].reshape(*channel.shape, *([1] * len(spatial)))
+    w32, b32 = w.astype(np.float32), b.astype(np.float32)
+    if not (np.all(np.isfinite(w32)) and np.all(np.isfinite(b32))):
+        return False  # the product overflows float32: the model stays as it was, not a broken weight
     if leftover is not None:
         uniform = np.all(leftover == leftover[0])
         constant = np.asarray(leftover[0]) if uniform else leftover.reshape((1, in_channels) + (1,) * (w.ndim - 2))
@@ -73,7 +76,7 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
         source = add.outputs[0]
     conv.replace_input_with(0, source)
     graph.remove([node for node, _, _ in reversed(chain)], safe=True)
-    replace_weights(graph, conv, w.astype(np.float32), b.astype(np.float32), "input_affine")
+    replace_weights(graph, conv, w32, b32, "input_affine")
     return True
 
 

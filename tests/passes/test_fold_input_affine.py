@@ -81,3 +81,10 @@ def test_what_cannot_fold_exactly_stays(case):
     else:
         assert not modified and len(folded.graph.node) == len(model.graph.node)
     np.testing.assert_allclose(_run(folded), _run(model), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fold_that_would_overflow_float32_leaves_the_model_as_it_was():
+    model = _affine_then_conv([("Mul", 3e38, False)], pads=[0, 0, 0, 0])
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((8, 4, 3, 3), 2.0, np.float32), "w"))
+    folded, modified = _fold(model)
+    assert not modified and [node.op_type for node in folded.graph.node] == ["Relu", "Mul", "Conv"]
