@@ -87,6 +87,7 @@ BATCH_NORM_SCRIPT = textwrap.dedent(
     if rank == 0:
         json.dump(result, open(sys.argv[1], "w"))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # as mpqc's own torchrun entry point ends: a gloo group left open can abort at exit
     """
 )
 
