@@ -41,12 +41,21 @@ def _fold_chain(graph: ir.Graph, conv: ir.Node) -> bool:
     folded_any = False
     while (step := _next_step(conv, w.shape[0], w.ndim)) is not None:
         node, factor, shift = step
-        w, b = w * factor.reshape(-1, *([1] * (w.ndim - 1))), b * factor + shift
+        folded_w, folded_b = w * factor.reshape(-1, *([1] * (w.ndim - 1))), b * factor + shift
+        if not fits_float32(folded_w, folded_b):
+            break  # this op stays where it is rather than leave an infinite weight the model never had
+        w, b = folded_w, folded_b
         bypass(graph, conv, node)
         folded_any = True
     if folded_any:
         replace_weights(graph, conv, w.astype(np.float32), b.astype(np.float32), "affine")
     return folded_any
+
+
+def fits_float32(*arrays: np.ndarray) -> bool:
+    """Whether every value stays finite once written as float32 (the weights' type)."""
+    with np.errstate(over="ignore"):
+        return all(np.all(np.isfinite(a.astype(np.float32))) for a in arrays)
 
 
 def _next_step(conv: ir.Node, channels: int, rank: int) -> tuple[ir.Node, np.ndarray, np.ndarray] | None:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from mpqc.passes.constants import DEFAULT_DOMAIN
 from mpqc.passes.conv_rewrite import replace_weights
-from mpqc.passes.fold_affine import affine_step
+from mpqc.passes.fold_affine import affine_step, fits_float32
 
 
 class FoldConvInputAffinePass(ir.passes.InPlacePass):
@@ -62,8 +62,7 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
     spatial = tuple(range(2, w.ndim))
     b = b + (w.sum(axis=spatial) * shift[channel]).sum(axis=1)
     w = w * scale[channel].reshape(*channel.shape, *([1] * len(spatial)))
-    w32, b32 = w.astype(np.float32), b.astype(np.float32)
-    if not (np.all(np.isfinite(w32)) and np.all(np.isfinite(b32))):
+    if not fits_float32(w, b):
         return False  # the product overflows float32: the model stays as it was, not a broken weight
     if leftover is not None:
         uniform = np.all(leftover == leftover[0])
@@ -76,7 +75,7 @@ def _fold_into(graph: ir.Graph, conv: ir.Node) -> bool:
         source = add.outputs[0]
     conv.replace_input_with(0, source)
     graph.remove([node for node, _, _ in reversed(chain)], safe=True)
-    replace_weights(graph, conv, w32, b32, "input_affine")
+    replace_weights(graph, conv, w.astype(np.float32), b.astype(np.float32), "input_affine")
     return True
 
 

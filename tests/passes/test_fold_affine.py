@@ -69,3 +69,12 @@ def test_a_folded_graph_output_keeps_its_name():
     folded, _ = _fold(model)
     assert [node.op_type for node in folded.graph.node] == ["Conv"] and folded.graph.output[0].name == "t1"
     np.testing.assert_allclose(_run(folded)[0], _run(model)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_whose_fold_would_overflow_float32_stays_and_the_steps_before_it_fold():
+    model = _conv_then([("Mul", 2.0, False), ("Mul", 3e38, False)])
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((6, 4, 3, 3), 2.0, np.float32), "w"))
+    folded, modified = _fold(model)
+    assert modified and [node.op_type for node in folded.graph.node] == ["Conv", "Mul", "Identity"]
+    weight = next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
+    assert np.all(numpy_helper.to_array(weight) == 4.0)
