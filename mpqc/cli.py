@@ -31,6 +31,7 @@ def _build_options(args, policy: str):
         iterations=args.iterations,
         epochs=args.epochs,
         gmpq=args.gmpq,
+        fixed_ends=args.fixed_ends,
         seam_terms=None if args.seam_terms is None else tuple(args.seam_terms),
         budget_ms=args.budget_ms,
         budget_speedup=args.budget_speedup,
@@ -250,6 +251,7 @@ def cmd_search_validate(args) -> dict:
     out = pathlib.Path(args.out).resolve()
     options = BuildOptions(model=args.model, target=args.target, policy="search", proxy=args.proxy, proxy_limit=args.proxy_limit,
                            seed=args.seed, iterations=args.iterations, epochs=args.epochs, gmpq=args.gmpq,
+                           fixed_ends=args.fixed_ends,
                            cache_dir=args.cache_dir, use_cache=not args.no_cache)
     result = validate_search_to_folder(options, list(dict.fromkeys(args.method)), out, policies=args.policies,
                                        bootstrap=args.bootstrap)
@@ -299,6 +301,8 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"indicator training iterations (seam, limpq, asga; default {INDICATOR_ITERATIONS}, whatever the proxy's size)")
     parser.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes over the proxy data instead of --iterations")
     parser.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
+    parser.add_argument("--fixed-ends", action="store_true",
+                        help="limpq, seam, asga: hold the first and the last layer at their 8-bit precision, as LIMPQ does")
     parser.add_argument("--seam-terms", nargs=3, type=_float_range(0.0, 1e6), metavar=("MARGIN", "COMPACTNESS", "MARGIN_WEIGHT"),
                         help="seam's margin (nats) and the weights of its compactness and margin-softmax terms "
                              "(default 1 1 1; MARGIN 0 0 trains without them, limpq's loss)")
@@ -470,6 +474,8 @@ def make_parser() -> argparse.ArgumentParser:
                                  help=f"indicator training iterations (seam, limpq, asga; default {INDICATOR_ITERATIONS})")
     search_validate.add_argument("--epochs", type=_int_range(0, 10_000), help="indicator training passes instead of --iterations")
     search_validate.add_argument("--gmpq", action="store_true", help="add GMPQ's attribution-imitation term to indicator training")
+    search_validate.add_argument("--fixed-ends", action="store_true",
+                                 help="limpq, seam, asga: hold the first and the last layer at their 8-bit precision, as LIMPQ does")
     search_validate.add_argument("--cache-dir", help="sensitivity score cache (default: $XDG_CACHE_HOME/mpqc or ~/.cache/mpqc)")
     search_validate.add_argument("--no-cache", action="store_true", help="score layers afresh and write nothing to the cache")
     search_validate.set_defaults(handler=cmd_search_validate)

@@ -54,7 +54,8 @@ def build_context(args: argparse.Namespace):
     analysis = analyze(args.model)
     target = load_target(args.target)
     options = BuildOptions(model=args.model, proxy=args.proxy, proxy_limit=args.samples, seed=args.seed,
-                           iterations=args.iterations, epochs=args.epochs, gmpq=args.gmpq, evaluate_only=args.evaluate_only)
+                           iterations=args.iterations, epochs=args.epochs, gmpq=args.gmpq, fixed_ends=args.fixed_ends,
+                           evaluate_only=args.evaluate_only)
     feeds, _ = proxy_feeds(options.proxy_source(), analysis.loaded)
     candidates = candidates_of(analysis, target, args.evaluate_only)
     labels = proxy_labels(options.proxy_source(), analysis.loaded, len(next(iter(feeds.values()))))
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step over all processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gmpq", action="store_true", help="add the Grad-CAM attribution-imitation term")
+    parser.add_argument("--fixed-ends", action="store_true", help="hold the first and the last layer at 8 bits (LIMPQ)")
     parser.add_argument("--evaluate-only", action="store_true", help="also score precisions the target cannot deploy")
     parser.add_argument("--out", required=True, help="JSON file for rank 0's result")
     parser.add_argument("--per-rank", action="store_true", help="every other rank writes OUT.rank<r>.json too")

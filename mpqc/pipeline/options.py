@@ -14,7 +14,7 @@ from mpqc.lower.lowering import CalibrationSettings
 from mpqc.search.problem import Budgets
 
 # Options only `--policy search` reads, with the flag that sets each (for the error that names it).
-SEARCH_ONLY = {"method": "--method", "iterations": "--iterations", "epochs": "--epochs", "gmpq": "--gmpq",
+SEARCH_ONLY = {"method": "--method", "iterations": "--iterations", "epochs": "--epochs", "gmpq": "--gmpq", "fixed_ends": "--fixed-ends",
                "seam_terms": "--seam-terms", "budget_ms": "--budget-ms",
                "budget_speedup": "--budget-speedup", "budget_bitops": "--budget-bitops",
                "budget_bytes": "--budget-bytes", "pareto": "--pareto"}
@@ -39,6 +39,7 @@ class BuildOptions:
     iterations: int | None = None
     epochs: int | None = None
     gmpq: bool = False  # add the attribution-imitation term to indicator training
+    fixed_ends: bool = False  # indicator training holds the first and last layer at 8 bits (LIMPQ)
     seam_terms: tuple[float, float, float] | None = None  # seam's (margin, compactness, margin weight); None: SEAM_TERMS
     budget_ms: float | None = None
     budget_speedup: float | None = None  # a latency budget of the measured FP32 latency / this

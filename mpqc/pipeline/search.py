@@ -98,7 +98,7 @@ def sensitivity_context(analysis: Analysis, target: Target, float_model, feeds, 
         input_names=tuple(loaded.input_names), module=loaded.module, labels=labels,
         # Bundled examples say what their output is; other models are taken for classifiers.
         classifier=getattr(example, "CLASSIFIER", True),
-        seed=options.seed, epochs=options.epochs, gmpq=options.gmpq,
+        seed=options.seed, epochs=options.epochs, gmpq=options.gmpq, fixed_ends=options.fixed_ends,
         seam_terms=SEAM_TERMS if options.seam_terms is None else tuple(options.seam_terms),
         iterations=INDICATOR_ITERATIONS if options.iterations is None else options.iterations,
         run_policy=_policy_runner(analysis, target, feeds, options, lowering),

@@ -48,8 +48,8 @@ stay in the result, to read the steps against.
 
 LIMPQ does not search the first and the last layer (fixed at 8 bits). mpqc searches every layer the
 target can quantize, so by default those two train like the others; `fixed_ends` holds them at
-their 8-bit candidate in every pass, with one BatchNorm behind them, and scores their narrower
-candidates prohibitively, as LIMPQ's search would never pick them.
+their 8-bit candidate in every pass, with one BatchNorm behind them, and scores their other
+candidates prohibitively (fp32 too), as LIMPQ's search never picks them (`--fixed-ends`).
 
 Labels: the proxy's labels when they are the model's classes, otherwise the float model's argmax.
 Labels of other classes (`labels_match_model=False`) cannot supervise the model's own logits:
@@ -312,9 +312,9 @@ def scores_from_steps(
     alpha: float = ALPHA,
     held: Mapping[str, tuple[int | None, int | None]] | None = None,
 ) -> dict[tuple[str, str], float]:
-    """(layer, precision) -> s_a + alpha * s_w; fp32 0; unreliable bit-widths prohibitive, and so are
-    the quantized candidates of a layer held at one setting (`held`: layer -> (w_bits, a_bits)) other
-    than that one."""
+    """(layer, precision) -> s_a + alpha * s_w; fp32 0; unreliable bit-widths prohibitive, and so is
+    every candidate of a layer held at one setting (`held`: layer -> (w_bits, a_bits)) but that one,
+    fp32 included."""
     held = held or {}
     scores: dict[tuple[str, str], float] = {}
     unreliable: list[tuple[str, str]] = []
@@ -323,11 +323,11 @@ def scores_from_steps(
         bad_activation = unreliable_bits(activation_steps.get(layer, {}))
         for name in names:
             p = precision(name)
+            if layer in held and (p.is_float or (p.weight_bits, p.activation_bits) != held[layer]):
+                unreliable.append((layer, name))  # held at one setting, as LIMPQ's search holds it (float too)
+                continue
             if p.is_float:
                 scores[(layer, name)] = 0.0
-                continue
-            if layer in held and (p.weight_bits, p.activation_bits) != held[layer]:
-                unreliable.append((layer, name))  # never trained: no step to score it by
                 continue
             score = alpha * weight_steps[layer][p.weight_bits]
             if p.activation_bits is not None:

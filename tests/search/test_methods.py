@@ -97,3 +97,13 @@ def test_seam_terms_need_the_seam_method_and_are_recorded(tmp_path, capsys):
     code, record = _build(capsys, tmp_path, "--method", "seam", "--seam-terms", "0.5", "2", "0")
     assert code == 0
     assert record["search"]["scoring"]["seam_terms"] == {"margin": 0.5, "compactness_weight": 2.0, "margin_weight": 0.0}
+
+
+def test_fixed_ends_hold_the_first_and_last_layer_at_8_bits(tmp_path, capsys):
+    code, record = _build(capsys, tmp_path, "--method", "limpq", "--fixed-ends")
+    assert code == 0
+    held = record["search"]["scoring"]["held_layers"]
+    policy = json.loads((tmp_path / "out" / "policy.json").read_text())["layers"]
+    assert held == [record["layers"][0]["name"], record["layers"][-1]["name"]]
+    assert all(policy[layer].startswith("w8") for layer in held), {layer: policy[layer] for layer in held}
+    assert "w4a8" in policy.values()  # the budget is still spent on the layers in between

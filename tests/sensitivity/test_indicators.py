@@ -358,8 +358,9 @@ def test_fixed_ends_hold_the_first_and_last_layer_at_eight_bits(mnist):
     for layer in ("stem.conv", "fc"):
         assert result.weight_steps[layer][4] == result.initial_weight_steps[layer][4]  # never trained
         assert result.weight_steps[layer][8] != result.initial_weight_steps[layer][8]
-        reliable = [s for (la, p), s in result.scores.items() if not (la in quantized.held and p.startswith("w4"))]
+        reliable = [s for (la, p), s in result.scores.items() if la not in quantized.held or p == "w8a8"]
         assert result.scores[(layer, "w4a8")] == pytest.approx(PROHIBITIVE * max(reliable))
+        assert result.scores[(layer, "fp32")] == result.scores[(layer, "w4a8")]  # held at 8 bits, not float either
         assert 0 < result.scores[(layer, "w8a8")] < max(reliable) * 10
     assert result.scores[("fc", "w4a16")] == result.scores[("fc", "w4a8")]
     assert result.weight_steps["block1.conv1"][4] != result.initial_weight_steps["block1.conv1"][4]
