@@ -43,6 +43,10 @@ data against the FP32 model's outputs, with one metric per model for every metho
 
     python benchmarks/peers_ort_cpu.py [--models efficientnet-lite0 minilm ppocrv4-det] [--rounds 7] [--skip-inc]
 
+Every model's "criteria" are the pass/fail checks of benchmarks/peers_criteria.py on its measured
+points (peers matched, uniform w8a8 against ort:all, the front's speed and monotonicity with paired
+bootstrap intervals, the speed-up at INC's fidelity).
+
 Writes benchmarks/results/peers_ort_cpu.json (--out-json) and the .png beside it. A method or
 model that fails is recorded with "error" (and null numbers), never left out. Every number in the
 output is measured by this run.
@@ -66,6 +70,7 @@ import time
 import traceback
 
 import numpy as np
+from peers_criteria import criteria  # (its sibling: the checks on every model's measured points)
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -121,6 +126,7 @@ class Case:
     heldout_npz: pathlib.Path
     mpqc_args: list[str]  # --proxy for a model without bundled data
     info: dict
+    heldout_sources: np.ndarray | None = None  # the photograph each held-out sample comes from, where known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +155,7 @@ def example_case(name: str, work: pathlib.Path) -> Case:
     calibration, origin = proxy_feeds(ProxySource(None), analysis.loaded)
     heldout, _ = analysis.loaded.example.eval_feeds()
     described = f"the example's held-out set ({_count(heldout)} samples)"
+    sources = None
     if name == "efficientnet-lite0":  # the example's 128 crops of 4 photographs resolve top-1 to 0.8 points only
         crops, sources = heldout_study_crops(HELDOUT_PER_PHOTO)
         heldout = {analysis.loaded.input_names[0]: crops}
@@ -159,7 +166,8 @@ def example_case(name: str, work: pathlib.Path) -> Case:
     return Case(name, name, metric, save_fp32(analysis, folder / "fp32.onnx"), calibration, heldout,
                 save_npz(folder / "calibration.npz", calibration), save_npz(folder / "heldout.npz", heldout), [],
                 {"fp32_model": f"mpqc's canonical FP32 model of the bundled example {name}",
-                 "data": {"calibration": f"{origin} ({_count(calibration)} samples)", "heldout": described}})
+                 "data": {"calibration": f"{origin} ({_count(calibration)} samples)", "heldout": described}},
+                None if sources is None else np.asarray(sources))
 
 
 def ocr_model_file() -> tuple[pathlib.Path, str]:
@@ -516,20 +524,25 @@ def first_output(sess, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([sess.run(None, {n: feeds[n][i : i + 1] for n in names})[0] for i in range(_count(feeds))])
 
 
-def fidelity(case: Case, reference: np.ndarray, candidate: np.ndarray) -> tuple[float, dict]:
-    from mpqc.bench.fidelity import output_agreement
+def fidelity(case: Case, reference: np.ndarray, candidate: np.ndarray) -> tuple[float, dict, np.ndarray | None]:
+    """The model's metric, the model-agnostic agreement numbers, and the metric per held-out sample
+    where it is a mean over samples (None for the pooled IoU)."""
+    from mpqc.bench.fidelity import output_agreement, per_sample_cosine
 
     agreement = output_agreement(reference, candidate)
+    per_sample = None
     if case.metric == "top1_agreement":
         from mpqc.examples import load_example
 
         value = load_example(case.name).fidelity(reference, candidate, None)["top1_agreement"]
+        per_sample = (reference.argmax(axis=1) == candidate.argmax(axis=1)).astype(np.float64)
     elif case.metric == "cosine_mean":
         value = agreement["cosine_mean"]
+        per_sample = per_sample_cosine(reference, candidate)
     else:
         value = text_mask_iou(reference, candidate)
     assert case.metric in METRICS
-    return float(value), agreement
+    return float(value), agreement, per_sample
 
 
 def harness(case: Case, points: list[dict], rounds: int, runs: int, warmup: int) -> None:
@@ -546,7 +559,8 @@ def harness(case: Case, points: list[dict], rounds: int, runs: int, warmup: int)
     reference = first_output(live[0]["_session"], case.heldout)  # live[0] is FP32
     for point in live:
         try:
-            point["fidelity"], point["output_agreement"] = fidelity(case, reference, first_output(point["_session"], case.heldout))
+            point["fidelity"], point["output_agreement"], point["_per_sample"] = fidelity(
+                case, reference, first_output(point["_session"], case.heldout))
         except Exception as exc:
             point["error"] = f"running the held-out set: {_first_line(exc)}"
     live = [p for p in live if "error" not in p]
@@ -576,6 +590,15 @@ def harness(case: Case, points: list[dict], rounds: int, runs: int, warmup: int)
         point["speedup_vs_fp32"] = fp32_ms / point["median_ms"]
     for point in points:
         point.pop("_session", None)
+
+
+def model_criteria(case: Case, points: list[dict]) -> dict:
+    """peers_criteria.criteria on the measured points, with their per-sample metrics (dropped from the points)."""
+    per_sample = {i: p.pop("_per_sample") for i, p in enumerate(points) if p.get("_per_sample") is not None}
+    for point in points:
+        point.pop("_per_sample", None)
+    groups = case.heldout_sources if case.heldout_sources is not None and len(case.heldout_sources) == _count(case.heldout) else None
+    return criteria(points, per_sample, groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,12 +654,13 @@ def run_model(name: str, args, work: pathlib.Path, tables: pathlib.Path) -> dict
         for point in points:
             point.pop("_session", None)
             point.setdefault("error", f"harness: {_first_line(exc, True)}")
+    checks = model_criteria(case, points)
     for point in points:
         for key in NUMBERS:
             point.setdefault(key, None)
         if "model" in point:
             point["model"] = str(pathlib.Path(point["model"]).relative_to(work))
-    return {"metric": case.metric, **case.info, "mpqc_commands": commands, "points": points}
+    return {"metric": case.metric, **case.info, "mpqc_commands": commands, "points": points, "criteria": checks}
 
 
 NUMBERS = ("fidelity", "median_ms", "speedup_vs_fp32", "p90_ms")

@@ -16,19 +16,31 @@ def output_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
     error's denominator is at least _SCALE_FLOOR x the RMS sample norm, and two (numerically) zero
     rows agree (cosine 1). Identical outputs give 0, 1 and infinite SQNR.
     """
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    ref, cand, norm, floor = _rows(reference, candidate)
     error = np.linalg.norm(ref - cand, axis=1)
-    norm, cand_norm = np.linalg.norm(ref, axis=1), np.linalg.norm(cand, axis=1)
-    scale = float(np.sqrt(np.mean(norm**2))) if len(norm) else 0.0
-    floor = max(_SCALE_FLOOR * scale, 1e-30)
-    both_zero = (norm < floor) & (cand_norm < floor)
-    cosine = np.where(both_zero, 1.0, (ref * cand).sum(1) / np.maximum(norm * cand_norm, floor**2))
     return {
         "relative_l2_error": float((error / np.maximum(norm, floor)).mean()),
-        "cosine_mean": float(np.clip(cosine, -1.0, 1.0).mean()),
+        "cosine_mean": float(per_sample_cosine(reference, candidate).mean()),
         "sqnr_db": sqnr_db(float((ref**2).sum()), float(((ref - cand) ** 2).sum())),
     }
+
+
+def per_sample_cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """The cosine of each sample's output, with output_agreement's guards; its mean is cosine_mean."""
+    ref, cand, norm, floor = _rows(reference, candidate)
+    cand_norm = np.linalg.norm(cand, axis=1)
+    both_zero = (norm < floor) & (cand_norm < floor)
+    cosine = np.where(both_zero, 1.0, (ref * cand).sum(1) / np.maximum(norm * cand_norm, floor**2))
+    return np.clip(cosine, -1.0, 1.0)
+
+
+def _rows(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Both outputs as float64 rows, the reference rows' norms and the norm floor below which a row counts as zero."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    norm = np.linalg.norm(ref, axis=1)
+    scale = float(np.sqrt(np.mean(norm**2))) if len(norm) else 0.0
+    return ref, cand, norm, max(_SCALE_FLOOR * scale, 1e-30)
 
 
 def sqnr_db(signal: float, noise: float) -> float:

@@ -18,11 +18,14 @@ def peers():
     spec = importlib.util.spec_from_file_location("peers_ort_cpu", ROOT / "benchmarks" / "peers_ort_cpu.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling peers_criteria.py
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         del sys.modules[spec.name]
+        sys.modules.pop("peers_criteria", None)
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def point(method, fidelity=0.99, ms=5.0, speedup=1.5, **extra):
@@ -137,3 +140,44 @@ def test_a_refused_profile_is_run_again_and_forced_only_when_asked_after_every_r
     profiles = [c for c in calls if c[0] == "profile"]
     assert len(profiles) == peers.PROFILE_ATTEMPTS + 1 and "--force-fit" in profiles[-1]
     assert "error" not in record and len(record["profile_refusals"]) == peers.PROFILE_ATTEMPTS
+
+
+def test_the_criteria_are_computed_from_the_measured_points(peers):
+    import peers_criteria
+
+    points = [point("fp32", 1.0, 4.0, 1.0), point("ort:all", 0.90, 2.4, 1.69), point("ort:conv-matmul", 0.70, 3.5, 1.13),
+              point("inc:tuned", 0.99, 4.2, 0.96), point("mpqc:uniform:w8a8", 0.97, 1.8, 2.17),
+              point("mpqc:front", 0.98, 2.3, 1.74), point("mpqc:front", 0.99, 2.5, 1.59), point("mpqc:front", 0.979, 2.9, 1.40)]
+    checks = peers_criteria.criteria(points)
+    assert checks["every_peer_matched"] and {c["peer"]: c["by"]["method"] for c in checks["peers"]}["inc:tuned"] == "mpqc:front"
+    assert checks["uniform_w8a8_vs_ort_all"]["met"]
+    front = checks["front"]
+    assert front["at_least_fp32_speed"] and not front["monotone"] and len(front["violations"]) == 1
+    assert front["violations"][0]["slower"]["index"] == 7 and front["violations"][0]["interval"] is None
+    assert not front["monotone_within_resolution"]  # no per-sample metric: nothing says it is within the data's resolution
+    # Two points tied in speed (within the tolerance) are no violation the timings resolve.
+    tied = peers_criteria.criteria(points[:7] + [point("mpqc:front", 0.985, 2.51, 1.585)])["front"]
+    assert not tied["monotone"] and tied["monotone_within_resolution"]
+    assert checks["at_inc_fidelity"]["ratio_to_inc"] == pytest.approx(1.59 / 0.96) and checks["at_inc_fidelity"]["met"]
+    # A peer faster than every mpqc point at its fidelity is not matched.
+    points[1] = point("ort:all", 0.90, 1.0, 4.0)
+    assert not peers_criteria.criteria(points)["every_peer_matched"]
+
+
+def test_a_front_violation_gets_a_paired_interval_clustered_by_source(peers):
+    import peers_criteria
+
+    points = [point("fp32", 1.0, 4.0, 1.0), point("mpqc:front", 1.0, 2.0, 2.0), point("mpqc:front", 0.88, 3.0, 1.3)]
+    groups = np.repeat(["a", "b", "c", "d"], 25)
+    faster = np.ones(100)
+    slower = faster.copy()
+    slower[[0, 5, 10, 25, 30, 35, 50, 55, 60, 75, 80, 85]] = 0  # three samples lost in every photograph
+    violation = peers_criteria.criteria(points, {1: faster, 2: slower}, groups)["front"]["violations"][0]
+    low, high = violation["interval"]
+    assert violation["difference"] == pytest.approx(-0.12) and low <= -0.12 <= high < 0  # outside the resolution
+    # The same 12 losses all in one photograph: resampling photographs leaves it out often enough
+    # that the interval reaches 0, where resampling samples alone would not.
+    concentrated = faster.copy()
+    concentrated[:12] = 0
+    assert peers_criteria.paired_interval(concentrated - faster, groups)[1] >= 0
+    assert peers_criteria.paired_interval(concentrated - faster)[1] < 0

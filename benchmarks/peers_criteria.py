@@ -1,0 +1,122 @@
+"""The comparison's pass/fail checks on one model's measured points (benchmarks/peers_ort_cpu.py).
+
+Each check is computed from the points the harness measured, never typed in:
+
+* every peer point is matched or beaten by an mpqc point: fidelity no lower than the peer's minus
+  FIDELITY_TOLERANCE and speed-up no lower than the peer's times (1 - SPEED_TOLERANCE);
+* mpqc's uniform w8a8 against ONNX Runtime's all-op-types model: at least as fast and more faithful;
+* mpqc's front: every point at least as fast as FP32 (strictly, and within SPEED_TOLERANCE), and
+  monotone (a slower point is never less faithful than a faster one). Where the harness kept each
+  point's per-sample metric, every violation gets a paired bootstrap 95% interval of the fidelity
+  difference (resampling the held-out samples, and their source photographs first where the samples
+  are grouped by one). "monotone_within_resolution" counts only violations the measurements resolve
+  on both axes: the faster point faster by more than SPEED_TOLERANCE and the interval below 0;
+* at INC's fidelity (within FIDELITY_TOLERANCE) the fastest front point's speed-up over INC's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FIDELITY_TOLERANCE = 0.005
+SPEED_TOLERANCE = 0.03
+PEERS = ("ort:all", "ort:conv-matmul", "inc:tuned")
+INC_SPEEDUP_GOAL = 1.2
+
+
+def criteria(points: list[dict], per_sample: dict[int, np.ndarray] | None = None, groups: np.ndarray | None = None,
+             resamples: int = 2000, seed: int = 0) -> dict:
+    """`points`: the model's points with "method", "fidelity" and "speedup_vs_fp32" (None where a
+    method failed). `per_sample`: index into `points` -> the metric of each held-out sample, whose
+    mean is the point's fidelity. `groups`: the source of each held-out sample, for clustered intervals."""
+    measured = [(i, p) for i, p in enumerate(points) if _number(p.get("fidelity")) and _number(p.get("speedup_vs_fp32"))]
+    mpqc = [(i, p) for i, p in measured if p["method"].startswith("mpqc:")]
+    front = sorted(((i, p) for i, p in mpqc if p["method"] == "mpqc:front"), key=lambda ip: -ip[1]["speedup_vs_fp32"])
+    result = {"fidelity_tolerance": FIDELITY_TOLERANCE, "speed_tolerance": SPEED_TOLERANCE,
+              "peers": [_peer_check(p, mpqc) for _, p in measured if p["method"] in PEERS],
+              "peers_without_a_point": sorted({p["method"] for p in points if p["method"] in PEERS}
+                                              - {p["method"] for _, p in measured})}
+    result["every_peer_matched"] = all(check["matched"] for check in result["peers"])
+    uniform = next((p for _, p in mpqc if p["method"] == "mpqc:uniform:w8a8"), None)
+    ort_all = next((p for _, p in measured if p["method"] == "ort:all"), None)
+    if uniform is not None and ort_all is not None:
+        result["uniform_w8a8_vs_ort_all"] = {
+            "speedup_ratio": uniform["speedup_vs_fp32"] / ort_all["speedup_vs_fp32"],
+            "fidelity_difference": uniform["fidelity"] - ort_all["fidelity"],
+            "met": uniform["speedup_vs_fp32"] >= ort_all["speedup_vs_fp32"] and uniform["fidelity"] > ort_all["fidelity"]}
+    if front:
+        slowest = min(p["speedup_vs_fp32"] for _, p in front)
+        violations = [_violation(points, faster, slower, per_sample, groups, resamples, seed)
+                      for faster, slower in zip(front, front[1:]) if slower[1]["fidelity"] < faster[1]["fidelity"]]
+        result["front"] = {
+            "points": len(front), "slowest_speedup": slowest, "at_least_fp32_speed": slowest >= 1.0,
+            "at_least_fp32_speed_within_tolerance": slowest >= 1.0 - SPEED_TOLERANCE,
+            "monotone": not violations,
+            "monotone_within_resolution": not any(_resolved(v) for v in violations),
+            "violations": violations}
+    inc = next((p for _, p in measured if p["method"] == "inc:tuned"), None)
+    if inc is not None and front:
+        faithful = [p for _, p in front if p["fidelity"] >= inc["fidelity"] - FIDELITY_TOLERANCE]
+        best = max(faithful, key=lambda p: p["speedup_vs_fp32"], default=None)
+        ratio = None if best is None else best["speedup_vs_fp32"] / inc["speedup_vs_fp32"]
+        result["at_inc_fidelity"] = {"inc_fidelity": inc["fidelity"], "front_speedup": None if best is None else best["speedup_vs_fp32"],
+                                     "ratio_to_inc": ratio, "goal": INC_SPEEDUP_GOAL,
+                                     "met": ratio is not None and ratio >= INC_SPEEDUP_GOAL}
+    return result
+
+
+def _peer_check(peer: dict, mpqc: list[tuple[int, dict]]) -> dict:
+    """The fastest mpqc point at least as faithful as the peer (within the tolerance), and whether it
+    is also at least as fast (within the tolerance)."""
+    faithful = [p for _, p in mpqc if p["fidelity"] >= peer["fidelity"] - FIDELITY_TOLERANCE]
+    best = max(faithful, key=lambda p: p["speedup_vs_fp32"], default=None)
+    check = {"peer": peer["method"], "fidelity": peer["fidelity"], "speedup": peer["speedup_vs_fp32"], "matched": False,
+             "by": None}
+    if best is not None:
+        check["by"] = {"method": best["method"], "fidelity": best["fidelity"], "speedup": best["speedup_vs_fp32"],
+                       "speedup_ratio": best["speedup_vs_fp32"] / peer["speedup_vs_fp32"]}
+        check["matched"] = best["speedup_vs_fp32"] >= peer["speedup_vs_fp32"] * (1 - SPEED_TOLERANCE)
+    return check
+
+
+def _violation(points, faster, slower, per_sample, groups, resamples, seed) -> dict:
+    (i, fast), (j, slow) = faster, slower
+    violation = {"faster": {"index": i, "speedup": fast["speedup_vs_fp32"], "fidelity": fast["fidelity"]},
+                 "slower": {"index": j, "speedup": slow["speedup_vs_fp32"], "fidelity": slow["fidelity"]},
+                 "difference": slow["fidelity"] - fast["fidelity"], "interval": None}
+    if per_sample is not None and i in per_sample and j in per_sample:
+        violation["interval"] = paired_interval(per_sample[j] - per_sample[i], groups, resamples, seed)
+    return violation
+
+
+def _resolved(violation: dict) -> bool:
+    """Whether a violation stands out of both measurements' noise (no interval: nothing says it does not)."""
+    faster_by = violation["faster"]["speedup"] / violation["slower"]["speedup"] - 1
+    interval = violation["interval"]
+    return faster_by > SPEED_TOLERANCE and (interval is None or interval[1] < 0)
+
+
+def paired_interval(differences: np.ndarray, groups: np.ndarray | None = None, resamples: int = 2000,
+                    seed: int = 0) -> list[float]:
+    """Bootstrap 95% interval of the mean per-sample difference: samples resampled within groups
+    resampled first (photographs, then crops), or samples alone where there are no groups."""
+    differences = np.asarray(differences, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.arange(len(differences))]
+        draw_groups = False
+    else:
+        groups = np.asarray(groups)
+        members = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+        draw_groups = len(members) > 1
+    means = np.empty(resamples)
+    for r in range(resamples):
+        chosen = rng.integers(len(members), size=len(members)) if draw_groups else range(len(members))
+        picked = [rng.choice(members[g], size=len(members[g])) for g in chosen]
+        means[r] = differences[np.concatenate(picked)].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
