@@ -12,6 +12,7 @@ from mpqc.data.proxy import ProxySource
 from mpqc.errors import MpqcError
 from mpqc.lower.lowering import CalibrationSettings
 from mpqc.search.problem import Budgets
+from mpqc.sensitivity.methods import DEFAULT_METHOD, TRAINED_METHODS
 
 # Options only `--policy search` reads, with the flag that sets each (for the error that names it).
 SEARCH_ONLY = {"method": "--method", "iterations": "--iterations", "epochs": "--epochs", "gmpq": "--gmpq", "fixed_ends": "--fixed-ends",
@@ -72,6 +73,11 @@ class BuildOptions:
             raise MpqcError("--budget-speedup is relative to the FP32 latency measured on this machine: drop --no-measure")
         if self.iterations is not None and self.epochs is not None:
             raise MpqcError("--iterations and --epochs both set how long indicators train: give one")
+        training = [flag for flag, given in (("--iterations", self.iterations is not None), ("--epochs", self.epochs is not None),
+                                             ("--gmpq", self.gmpq), ("--fixed-ends", self.fixed_ends)) if given]
+        if self.searches and training and (self.method or DEFAULT_METHOD) not in TRAINED_METHODS:
+            raise MpqcError(f"{', '.join(training)} set how indicators train, and the method is '{self.method or DEFAULT_METHOD}', "
+                            f"which trains none: drop them, or pass --method {' or '.join(TRAINED_METHODS)}")
         if self.seam_terms is not None and self.method != "seam":
             raise MpqcError(f"--seam-terms sets SEAM's terms, and the method is '{self.method or 'output'}': "
                             "drop it, or pass --method seam")

@@ -27,6 +27,8 @@ METHODS = {
 # both; qerror ranks EfficientNet-Lite0 at 0.85 in 2.8 s but MiniLM at 0.59, limpq EfficientNet-Lite0
 # at 0.58 in an hour). See the README.
 DEFAULT_METHOD = "output"
+# The methods that train indicators, and so read --iterations, --epochs, --gmpq and --fixed-ends.
+TRAINED_METHODS = ("seam", "limpq", "asga")
 
 
 def check_method(name: str) -> None:

@@ -6,14 +6,17 @@ import json
 import pytest
 
 from mpqc.cli import main
+from mpqc.sensitivity.methods import TRAINED_METHODS
 
 # mnist-cnn costs 598,138,880 BitOps at w8a8 everywhere and half that at INT4: the middle forces a mix.
 MIDDLE_BITOPS = "450e6"
 
 
 def _build(capsys, tmp_path, *extra) -> tuple[int, dict | str]:
+    trained = any(a == "--method" and b in TRAINED_METHODS for a, b in zip(extra, extra[1:]))
     argv = ["build", "mnist-cnn", "--policy", "search", "--evaluate-only", "--no-measure", "--no-cache",
-            "--proxy-limit", "64", "--epochs", "1", "--budget-bitops", MIDDLE_BITOPS, "--out", str(tmp_path / "out"), *extra]
+            "--proxy-limit", "64", *(["--epochs", "1"] if trained else []), "--budget-bitops", MIDDLE_BITOPS,
+            "--out", str(tmp_path / "out"), *extra]
     code = main([*argv, "--json"])
     captured = capsys.readouterr()
     return code, (json.loads(captured.out)["build"] if code == 0 else captured.err)
@@ -107,3 +110,12 @@ def test_fixed_ends_hold_the_first_and_last_layer_at_8_bits(tmp_path, capsys):
     assert held == [record["layers"][0]["name"], record["layers"][-1]["name"]]
     assert all(policy[layer].startswith("w8") for layer in held), {layer: policy[layer] for layer in held}
     assert "w4a8" in policy.values()  # the budget is still spent on the layers in between
+
+
+@pytest.mark.parametrize("flags", [["--fixed-ends"], ["--method", "qerror", "--iterations", "50"], ["--method", "hawq", "--gmpq"]],
+                         ids=["default-output", "qerror", "hawq"])
+def test_training_flags_on_a_method_that_trains_nothing_are_one_line(flags, tmp_path, capsys):
+    code, err = _build(capsys, tmp_path, *flags)
+    assert code == 2 and err.startswith("mpqc: error: ") and err.count("\n") == 1
+    assert "which trains none" in err and "--method seam or limpq or asga" in err
+    assert not (tmp_path / "out").exists()
