@@ -12,11 +12,25 @@ Each check is computed from the points the harness measured, never typed in:
   are grouped by one). "monotone_within_resolution" counts only violations the measurements resolve
   on both axes: the faster point faster by more than SPEED_TOLERANCE and the interval below 0;
 * at INC's fidelity (within FIDELITY_TOLERANCE) the fastest front point's speed-up over INC's.
+
+Beside them, every point's paired speed-up: FP32's median over the point's in each interleaved
+round, median and range over the rounds. On a machine whose load changes between rounds the ratio
+of medians swings with which rounds were hit; the paired ratios show how far.
+
+    python benchmarks/peers_criteria.py benchmarks/results/peers_ort_cpu.json
+
+adds the paired speed-ups to a result written before they were recorded (from its round medians).
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
+import sys
+
 import numpy as np
+
+from mpqc.files import write_atomically
 
 FIDELITY_TOLERANCE = 0.005
 SPEED_TOLERANCE = 0.03
@@ -37,6 +51,7 @@ def criteria(points: list[dict], per_sample: dict[int, np.ndarray] | None = None
               "peers_without_a_point": sorted({p["method"] for p in points if p["method"] in PEERS}
                                               - {p["method"] for _, p in measured})}
     result["every_peer_matched"] = all(check["matched"] for check in result["peers"])
+    result["paired_speedup_vs_fp32"] = paired_speedups(points)
     uniform = next((p for _, p in mpqc if p["method"] == "mpqc:uniform:w8a8"), None)
     ort_all = next((p for _, p in measured if p["method"] == "ort:all"), None)
     if uniform is not None and ort_all is not None:
@@ -118,5 +133,34 @@ def paired_interval(differences: np.ndarray, groups: np.ndarray | None = None, r
     return [float(low), float(high)]
 
 
+def paired_speedups(points: list[dict]) -> list[dict | None]:
+    """Per point (in order): FP32's round median over the point's in each round, as median, min and
+    max over the rounds; None for a point without round medians (or before FP32 has any)."""
+    fp32 = next((p.get("round_medians_ms") for p in points if p.get("method") == "fp32"), None)
+    paired = []
+    for point in points:
+        rounds = point.get("round_medians_ms")
+        if not fp32 or not rounds or len(rounds) != len(fp32):
+            paired.append(None)
+            continue
+        ratios = np.asarray(fp32, dtype=np.float64) / np.asarray(rounds, dtype=np.float64)
+        paired.append({"method": point["method"], "median": float(np.median(ratios)), "min": float(ratios.min()),
+                       "max": float(ratios.max())})
+    return paired
+
+
+def add_paired_speedups(path: pathlib.Path) -> None:
+    """Adds paired_speedup_vs_fp32 to every model's criteria in a written result, from its round medians."""
+    result = json.loads(path.read_text())
+    for model in result["models"].values():
+        model.setdefault("criteria", {})["paired_speedup_vs_fp32"] = paired_speedups(model["points"])
+    write_atomically(path, json.dumps(result, indent=1, allow_nan=False) + "\n")
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+if __name__ == "__main__":
+    for argument in sys.argv[1:]:
+        add_paired_speedups(pathlib.Path(argument))

@@ -181,3 +181,13 @@ def test_a_front_violation_gets_a_paired_interval_clustered_by_source(peers):
     concentrated[:12] = 0
     assert peers_criteria.paired_interval(concentrated - faster, groups)[1] >= 0
     assert peers_criteria.paired_interval(concentrated - faster)[1] < 0
+
+
+def test_paired_speedups_divide_fp32_by_the_point_round_by_round(peers):
+    import peers_criteria
+
+    points = [point("fp32", round_medians_ms=[4.0, 8.0, 4.0]), point("ort:all", round_medians_ms=[2.0, 2.0, 4.0]),
+              {"method": "inc:tuned", "error": "x"}]
+    paired = peers_criteria.criteria(points)["paired_speedup_vs_fp32"]
+    assert paired[1] == {"method": "ort:all", "median": 2.0, "min": 1.0, "max": 4.0} and paired[2] is None
+    assert paired[0]["median"] == 1.0
