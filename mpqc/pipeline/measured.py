@@ -25,6 +25,10 @@ FRONT_METRIC = "cosine_mean"
 # The fewest interleaved rounds in which being faster in every one counts as clearly faster: by chance
 # alone, two equally fast models come out one way in all of 5 rounds one time in 32.
 PAIRED_ROUNDS = 5
+# Where rounds pair, a median gain beyond the noise margin counts only if the faster point also wins
+# so many rounds that two equally fast models would do so less often than this (one-sided sign
+# test): on a VM whose load moves between rounds, a few lucky rounds can carry a median by 14%.
+SIGN_TEST_LEVEL = 0.05
 # The cost model's median error on a build's own measured points past which its front is not to be
 # trusted (mpqc costmodel validate asks 95% of policies within this).
 PREDICTION_TOLERANCE = 0.10
@@ -48,14 +52,20 @@ class MeasuredPoint:
                 and (self.median_ms < other.median_ms or self.fidelity > other.fidelity))
 
     def clearly_faster(self, other: "MeasuredPoint", margin: float = 0.0) -> bool:
-        """Faster by more than `margin` (relative: the noise floor of the measurement), or faster in
-        every one of at least PAIRED_ROUNDS interleaved rounds both were timed in. The rounds pair the
-        two under the same machine load, so a small, steady gain (a classifier alone in INT8) shows
-        there even where a loaded machine blurs the medians by more than the gain."""
-        if self.median_ms * (1 + margin) < other.median_ms:
-            return True
+        """Faster in every one of at least PAIRED_ROUNDS interleaved rounds both were timed in, or
+        faster by more than `margin` (relative: the noise floor of the measurement) and, where the
+        rounds pair, in significantly many of them (SIGN_TEST_LEVEL). The rounds pair the two under
+        the same machine load, so a small, steady gain (a classifier alone in INT8) shows there even
+        where a loaded machine blurs the medians by more than the gain, and a median gain that the
+        rounds do not back is noise."""
+        beyond_margin = self.median_ms * (1 + margin) < other.median_ms
         mine, theirs = self.round_medians_ms, other.round_medians_ms
-        return len(mine) == len(theirs) >= PAIRED_ROUNDS and all(a < b for a, b in zip(mine, theirs))
+        if not len(mine) == len(theirs) >= PAIRED_ROUNDS:
+            return beyond_margin
+        wins = sum(a < b for a, b in zip(mine, theirs))
+        if wins == len(mine):
+            return True
+        return beyond_margin and float(stats.binom.sf(wins - 1, len(mine), 0.5)) < SIGN_TEST_LEVEL
 
     def to_json(self) -> dict:
         return {"source": self.source, "predicted_ms": self.predicted_ms, "measured_ms": self.median_ms,

@@ -1,6 +1,7 @@
 """The sensitivity score cache and `--pareto`, on the tiny residual model."""
 
 import json
+import math
 
 import pytest
 
@@ -117,9 +118,15 @@ def _measured_search(capsys, spec, common, out, *extra) -> tuple[dict, list[str]
 
 
 def _clearly_faster(a: dict, b: dict, margin: float) -> bool:
-    """Faster beyond the noise margin, or in every one of at least five paired rounds."""
+    """Faster in every one of at least five paired rounds, or beyond the noise margin and in so many
+    rounds that equally fast models would win them less than 5% of the time (sign test)."""
     rounds = list(zip(a["round_medians_ms"], b["round_medians_ms"], strict=True))
-    return a["measured_ms"] * (1 + margin) < b["measured_ms"] or (len(rounds) >= 5 and all(x < y for x, y in rounds))
+    wins = sum(x < y for x, y in rounds)
+    beyond = a["measured_ms"] * (1 + margin) < b["measured_ms"]
+    if len(rounds) < 5:
+        return beyond
+    chance = sum(math.comb(len(rounds), k) for k in range(wins, len(rounds) + 1)) / 2 ** len(rounds)
+    return wins == len(rounds) or (beyond and chance < 0.05)
 
 
 def _beats(a: dict, b: dict, margin: float = 0.0) -> bool:
