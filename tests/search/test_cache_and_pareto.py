@@ -74,13 +74,17 @@ def test_no_cache_writes_nothing_and_the_default_folder_follows_xdg(profiled, tm
 def _check_front(out, record, resource: str) -> list[dict]:
     assert {p.name for p in out.iterdir()} == {"model.qdq.onnx", "policy.json", "build.json", "report.md", "report.html", "pareto.json", "pareto.png"}
     front = json.loads((out / "pareto.json").read_text())
-    assert front["resource"] == resource and len(front["budgets"]) == PARETO_POINTS + PARETO_NEAR_FULL
-    # The near-full budgets halve the last even step's saving: the smallest saving is an eighth of it.
-    budgets = front["budgets"]
-    step = (budgets[-1] - budgets[0]) / (PARETO_POINTS - 1)
-    assert budgets == sorted(budgets) and abs((budgets[-1] - budgets[-2]) - step / 2 ** PARETO_NEAR_FULL) <= 1e-9 * max(1.0, abs(step))
-    points = front["points"]
-    assert points
+    budgets, points = front["budgets"], front["points"]
+    assert front["resource"] == resource and points
+    if len(budgets) == 1:
+        # Where the least-loss policy is also the cheapest (a measured table in which fp32 runs fastest
+        # on this tiny net), the sweep has one budget and the front that one policy.
+        assert resource == "ms" and len(points) == 1 and points[0]["objective"] == 0
+    else:
+        assert len(budgets) == PARETO_POINTS + PARETO_NEAR_FULL
+        # The near-full budgets halve the last even step's saving: the smallest saving is an eighth of it.
+        step = (budgets[-1] - budgets[0]) / (PARETO_POINTS - 1)
+        assert budgets == sorted(budgets) and abs((budgets[-1] - budgets[-2]) - step / 2 ** PARETO_NEAR_FULL) <= 1e-9 * max(1.0, abs(step))
     for before, after in zip(points, points[1:]):
         assert after["cost"] >= before["cost"] and after["objective"] <= before["objective"]
     for point in points:
