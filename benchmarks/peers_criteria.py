@@ -61,7 +61,7 @@ def criteria(points: list[dict], per_sample: dict[int, np.ndarray] | None = None
             "met": uniform["speedup_vs_fp32"] >= ort_all["speedup_vs_fp32"] and uniform["fidelity"] > ort_all["fidelity"]}
     if front:
         slowest = min(p["speedup_vs_fp32"] for _, p in front)
-        violations = [_violation(points, faster, slower, per_sample, groups, resamples, seed)
+        violations = [_violation(faster, slower, per_sample, groups, resamples, seed)
                       for faster, slower in zip(front, front[1:]) if slower[1]["fidelity"] < faster[1]["fidelity"]]
         result["front"] = {
             "points": len(front), "slowest_speedup": slowest, "at_least_fp32_speed": slowest >= 1.0,
@@ -71,8 +71,7 @@ def criteria(points: list[dict], per_sample: dict[int, np.ndarray] | None = None
             "violations": violations}
     inc = next((p for _, p in measured if p["method"] == "inc:tuned"), None)
     if inc is not None and front:
-        faithful = [p for _, p in front if p["fidelity"] >= inc["fidelity"] - FIDELITY_TOLERANCE]
-        best = max(faithful, key=lambda p: p["speedup_vs_fp32"], default=None)
+        best = _fastest_as_faithful(front, inc["fidelity"])
         ratio = None if best is None else best["speedup_vs_fp32"] / inc["speedup_vs_fp32"]
         result["at_inc_fidelity"] = {"inc_fidelity": inc["fidelity"], "front_speedup": None if best is None else best["speedup_vs_fp32"],
                                      "ratio_to_inc": ratio, "goal": INC_SPEEDUP_GOAL,
@@ -83,8 +82,7 @@ def criteria(points: list[dict], per_sample: dict[int, np.ndarray] | None = None
 def _peer_check(peer: dict, mpqc: list[tuple[int, dict]]) -> dict:
     """The fastest mpqc point at least as faithful as the peer (within the tolerance), and whether it
     is also at least as fast (within the tolerance)."""
-    faithful = [p for _, p in mpqc if p["fidelity"] >= peer["fidelity"] - FIDELITY_TOLERANCE]
-    best = max(faithful, key=lambda p: p["speedup_vs_fp32"], default=None)
+    best = _fastest_as_faithful(mpqc, peer["fidelity"])
     check = {"peer": peer["method"], "fidelity": peer["fidelity"], "speedup": peer["speedup_vs_fp32"], "matched": False,
              "by": None}
     if best is not None:
@@ -94,7 +92,13 @@ def _peer_check(peer: dict, mpqc: list[tuple[int, dict]]) -> dict:
     return check
 
 
-def _violation(points, faster, slower, per_sample, groups, resamples, seed) -> dict:
+def _fastest_as_faithful(candidates: list[tuple[int, dict]], fidelity: float) -> dict | None:
+    """The fastest of (index, point) `candidates` whose fidelity is at least `fidelity` less the tolerance."""
+    faithful = [p for _, p in candidates if p["fidelity"] >= fidelity - FIDELITY_TOLERANCE]
+    return max(faithful, key=lambda p: p["speedup_vs_fp32"], default=None)
+
+
+def _violation(faster, slower, per_sample, groups, resamples, seed) -> dict:
     (i, fast), (j, slow) = faster, slower
     violation = {"faster": {"index": i, "speedup": fast["speedup_vs_fp32"], "fidelity": fast["fidelity"]},
                  "slower": {"index": j, "speedup": slow["speedup_vs_fp32"], "fidelity": slow["fidelity"]},

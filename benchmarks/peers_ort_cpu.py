@@ -594,9 +594,7 @@ def harness(case: Case, points: list[dict], rounds: int, runs: int, warmup: int)
 
 def model_criteria(case: Case, points: list[dict]) -> dict:
     """peers_criteria.criteria on the measured points, with their per-sample metrics (dropped from the points)."""
-    per_sample = {i: p.pop("_per_sample") for i, p in enumerate(points) if p.get("_per_sample") is not None}
-    for point in points:
-        point.pop("_per_sample", None)
+    per_sample = {i: values for i, p in enumerate(points) if (values := p.pop("_per_sample", None)) is not None}
     groups = case.heldout_sources if case.heldout_sources is not None and len(case.heldout_sources) == _count(case.heldout) else None
     return criteria(points, per_sample, groups)
 

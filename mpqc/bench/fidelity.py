@@ -20,14 +20,18 @@ def output_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
     error = np.linalg.norm(ref - cand, axis=1)
     return {
         "relative_l2_error": float((error / np.maximum(norm, floor)).mean()),
-        "cosine_mean": float(per_sample_cosine(reference, candidate).mean()),
+        "cosine_mean": float(_cosines(ref, cand, norm, floor).mean()),
         "sqnr_db": sqnr_db(float((ref**2).sum()), float(((ref - cand) ** 2).sum())),
     }
 
 
 def per_sample_cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """The cosine of each sample's output, with output_agreement's guards; its mean is cosine_mean."""
-    ref, cand, norm, floor = _rows(reference, candidate)
+    return _cosines(*_rows(reference, candidate))
+
+
+def _cosines(ref: np.ndarray, cand: np.ndarray, norm: np.ndarray, floor: float) -> np.ndarray:
+    """Per-row cosine of _rows' outputs; two rows under the floor agree (1)."""
     cand_norm = np.linalg.norm(cand, axis=1)
     both_zero = (norm < floor) & (cand_norm < floor)
     cosine = np.where(both_zero, 1.0, (ref * cand).sum(1) / np.maximum(norm * cand_norm, floor**2))
