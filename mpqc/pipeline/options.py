@@ -73,11 +73,8 @@ class BuildOptions:
             raise MpqcError("--budget-speedup is relative to the FP32 latency measured on this machine: drop --no-measure")
         if self.iterations is not None and self.epochs is not None:
             raise MpqcError("--iterations and --epochs both set how long indicators train: give one")
-        training = [flag for flag, given in (("--iterations", self.iterations is not None), ("--epochs", self.epochs is not None),
-                                             ("--gmpq", self.gmpq), ("--fixed-ends", self.fixed_ends)) if given]
-        if self.searches and training and (self.method or DEFAULT_METHOD) not in TRAINED_METHODS:
-            raise MpqcError(f"{', '.join(training)} set how indicators train, and the method is '{self.method or DEFAULT_METHOD}', "
-                            f"which trains none: drop them, or pass --method {' or '.join(TRAINED_METHODS)}")
+        if self.searches:
+            self.check_training_flags([self.method or DEFAULT_METHOD])
         if self.seam_terms is not None and self.method != "seam":
             raise MpqcError(f"--seam-terms sets SEAM's terms, and the method is '{self.method or 'output'}': "
                             "drop it, or pass --method seam")
@@ -87,6 +84,15 @@ class BuildOptions:
         if given:
             raise MpqcError(f"{', '.join(given)} only apply to --policy search, and the policy is '{self.policy}': "
                             "drop them, or pass --policy search")
+
+    def check_training_flags(self, methods: list[str]) -> None:
+        """Refuse --iterations, --epochs, --gmpq and --fixed-ends where none of `methods` trains indicators."""
+        training = [flag for flag, given in (("--iterations", self.iterations is not None), ("--epochs", self.epochs is not None),
+                                             ("--gmpq", self.gmpq), ("--fixed-ends", self.fixed_ends)) if given]
+        if training and not any(method in TRAINED_METHODS for method in methods):
+            named = f"the method is '{methods[0]}'" if len(methods) == 1 else "the methods are " + ", ".join(f"'{m}'" for m in methods)
+            raise MpqcError(f"{', '.join(training)} set how indicators train, and {named}, which trains none: "
+                            f"drop them, or pass --method {' or '.join(TRAINED_METHODS)}")
 
     def proxy_source(self) -> ProxySource:
         return ProxySource(self.proxy, self.proxy_limit)

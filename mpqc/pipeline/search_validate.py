@@ -147,6 +147,7 @@ def validate_search_to_folder(options: BuildOptions, methods: list[str], out: pa
     """validate_search written to `out`/search_validation.json through a staging folder; an `out`
     holding anything but an earlier validation is refused before any work."""
     check_output_folder(out, "search_validation.json", "mpqc search validate")
+    options.check_training_flags(methods)
     result = validate_search(options, methods, **settings)
     refused = [r["refused"] for r in result["methods"].values() if "refused" in r]
     if len(refused) == len(result["methods"]):

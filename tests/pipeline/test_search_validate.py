@@ -53,3 +53,12 @@ def test_every_method_refused_is_one_line_and_writes_nothing(tinynet_onnx, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("mpqc: error:") and err.count("\n") == 1 and "--method output" in err
     assert not out.exists()
+
+
+def test_training_flags_with_only_methods_that_train_nothing_are_one_line_before_any_work(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["search", "validate", "mnist-cnn", "--method", "output", "--method", "qerror", "--fixed-ends",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpqc: error: --fixed-ends set how indicators train, and the methods are 'output', 'qerror'")
+    assert err.count("\n") == 1 and not out.exists()
