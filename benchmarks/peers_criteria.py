@@ -3,7 +3,10 @@
 Each check is computed from the points the harness measured, never typed in:
 
 * every peer point is matched or beaten by an mpqc point: fidelity no lower than the peer's minus
-  FIDELITY_TOLERANCE and speed-up no lower than the peer's times (1 - SPEED_TOLERANCE);
+  FIDELITY_TOLERANCE and speed-up no lower than the peer's times (1 - SPEED_TOLERANCE). Beside this
+  ratio of medians, the same decision on the paired rounds: the median over the interleaved rounds of
+  the peer's round median over the mpqc point's ("matched_paired"), with its range and how many
+  rounds the mpqc point won; a load that changes between rounds moves both models of a round alike;
 * mpqc's uniform w8a8 against ONNX Runtime's all-op-types model: at least as fast and more faithful;
 * mpqc's front: every point at least as fast as FP32 (strictly, and within SPEED_TOLERANCE), and
   monotone (a slower point is never less faithful than a faster one). Where the harness kept each
@@ -19,7 +22,8 @@ of medians swings with which rounds were hit; the paired ratios show how far.
 
     python benchmarks/peers_criteria.py benchmarks/results/peers_ort_cpu.json
 
-adds the paired speed-ups to a result written before they were recorded (from its round medians).
+recomputes the peer checks and the paired speed-ups of a written result from its points and round
+medians (the front's intervals need the per-sample metrics, which the result does not keep: they stay).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def criteria(points: list[dict], per_sample: dict[int, np.ndarray] | None = None
               "peers_without_a_point": sorted({p["method"] for p in points if p["method"] in PEERS}
                                               - {p["method"] for _, p in measured})}
     result["every_peer_matched"] = all(check["matched"] for check in result["peers"])
+    result["every_peer_matched_paired"] = all(check.get("matched_paired", False) for check in result["peers"])
     result["paired_speedup_vs_fp32"] = paired_speedups(points)
     uniform = next((p for _, p in mpqc if p["method"] == "mpqc:uniform:w8a8"), None)
     ort_all = next((p for _, p in measured if p["method"] == "ort:all"), None)
@@ -89,7 +94,21 @@ def _peer_check(peer: dict, mpqc: list[tuple[int, dict]]) -> dict:
         check["by"] = {"method": best["method"], "fidelity": best["fidelity"], "speedup": best["speedup_vs_fp32"],
                        "speedup_ratio": best["speedup_vs_fp32"] / peer["speedup_vs_fp32"]}
         check["matched"] = best["speedup_vs_fp32"] >= peer["speedup_vs_fp32"] * (1 - SPEED_TOLERANCE)
+        paired = _paired_ratios(peer, best)
+        if paired is not None:
+            check["by"]["paired_speed_ratio"] = {"median": float(np.median(paired)), "min": float(paired.min()),
+                                                 "max": float(paired.max()), "rounds": len(paired),
+                                                 "rounds_faster": int((paired > 1).sum())}
+            check["matched_paired"] = float(np.median(paired)) >= 1 - SPEED_TOLERANCE
     return check
+
+
+def _paired_ratios(slow: dict, fast: dict) -> np.ndarray | None:
+    """Per interleaved round, `slow`'s round median over `fast`'s (None without equal round medians)."""
+    a, b = slow.get("round_medians_ms"), fast.get("round_medians_ms")
+    if not a or not b or len(a) != len(b):
+        return None
+    return np.asarray(a, dtype=np.float64) / np.asarray(b, dtype=np.float64)
 
 
 def _fastest_as_faithful(candidates: list[tuple[int, dict]], fidelity: float) -> dict | None:
@@ -153,11 +172,14 @@ def paired_speedups(points: list[dict]) -> list[dict | None]:
     return paired
 
 
-def add_paired_speedups(path: pathlib.Path) -> None:
-    """Adds paired_speedup_vs_fp32 to every model's criteria in a written result, from its round medians."""
+def refresh_from_points(path: pathlib.Path) -> None:
+    """Recomputes every model's peer checks and paired speed-ups in a written result from its points."""
     result = json.loads(path.read_text())
     for model in result["models"].values():
-        model.setdefault("criteria", {})["paired_speedup_vs_fp32"] = paired_speedups(model["points"])
+        fresh = criteria(model["points"])
+        kept = model.setdefault("criteria", {})
+        for key in ("peers", "peers_without_a_point", "every_peer_matched", "every_peer_matched_paired", "paired_speedup_vs_fp32"):
+            kept[key] = fresh[key]
     write_atomically(path, json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
@@ -167,4 +189,4 @@ def _number(value) -> bool:
 
 if __name__ == "__main__":
     for argument in sys.argv[1:]:
-        add_paired_speedups(pathlib.Path(argument))
+        refresh_from_points(pathlib.Path(argument))

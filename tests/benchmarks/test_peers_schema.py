@@ -191,3 +191,38 @@ def test_paired_speedups_divide_fp32_by_the_point_round_by_round(peers):
     paired = peers_criteria.criteria(points)["paired_speedup_vs_fp32"]
     assert paired[1] == {"method": "ort:all", "median": 2.0, "min": 1.0, "max": 4.0} and paired[2] is None
     assert paired[0]["median"] == 1.0
+
+
+def test_a_peer_match_is_also_decided_on_the_paired_rounds(peers):
+    import peers_criteria
+
+    fp32 = point("fp32", 1.0, 4.0, 1.0, round_medians_ms=[4.0, 4.0, 4.0, 4.0, 4.0])
+    # By medians the peer (2.0 ms) and mpqc (2.0 ms) tie; round by round mpqc loses 4 of 5 by 10%:
+    # a load that hit mpqc's one fast round shows in the paired ratio, not in the ratio of medians.
+    peer = point("ort:all", 0.90, 2.0, 2.0, round_medians_ms=[1.8, 1.8, 1.8, 1.8, 3.0])
+    mpqc = point("mpqc:uniform:w8a8", 0.97, 2.0, 2.0, round_medians_ms=[2.0, 2.0, 2.0, 2.0, 1.5])
+    check = peers_criteria.criteria([fp32, peer, mpqc])
+    (peer_check,) = check["peers"]
+    assert peer_check["matched"] and not peer_check["matched_paired"] and not check["every_peer_matched_paired"]
+    paired = peer_check["by"]["paired_speed_ratio"]
+    assert paired["median"] == pytest.approx(0.9) and paired["rounds"] == 5 and paired["rounds_faster"] == 1
+    assert paired["max"] == pytest.approx(2.0)
+    # Without round medians there is no paired decision, and nothing claims one.
+    plain = peers_criteria.criteria([point("fp32", 1.0, 4.0, 1.0), point("ort:all", 0.9, 2.0, 2.0), point("mpqc:uniform:w8a8", 0.97, 2.0, 2.0)])
+    assert "matched_paired" not in plain["peers"][0] and not plain["every_peer_matched_paired"]
+
+
+def test_a_written_result_gets_its_peer_checks_recomputed_and_keeps_the_rest(peers, tmp_path):
+    import peers_criteria
+
+    points = [point("fp32", 1.0, 4.0, 1.0, round_medians_ms=[4.0, 4.0, 4.0]),
+              point("ort:all", 0.90, 2.0, 2.0, round_medians_ms=[2.0, 2.0, 2.0]),
+              point("mpqc:uniform:w8a8", 0.97, 1.9, 2.1, round_medians_ms=[1.9, 1.9, 1.9])]
+    written = result(points)
+    written["models"]["m"]["criteria"] = {"front": {"violations": ["kept"]}, "peers": []}
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(written))
+    peers_criteria.refresh_from_points(path)
+    criteria = json.loads(path.read_text())["models"]["m"]["criteria"]
+    assert criteria["front"] == {"violations": ["kept"]} and criteria["every_peer_matched_paired"]
+    assert criteria["peers"][0]["by"]["paired_speed_ratio"]["median"] == pytest.approx(2.0 / 1.9)
