@@ -67,6 +67,8 @@ def run(model: str, policies: int, batch: int = 1, force_fit: bool = False, meth
         "first_run_s": first_s, "first_run_layers": first["layers"],
         "second_run_s": again_s, "second_run_layers": again["layers"],
     }
+    if refused is not None:  # the refused attempt measured the layers; first_run_layers counts the forced one after it
+        result["profiling"]["first_run_layers_of"] = "the forced profile after the refused one (which measured the layers)"
     result.update(provenance())
     stem = RESULTS / f"costmodel_{model}"
     write_atomically(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
