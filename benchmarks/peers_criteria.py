@@ -159,16 +159,12 @@ def paired_interval(differences: np.ndarray, groups: np.ndarray | None = None, r
 def paired_speedups(points: list[dict]) -> list[dict | None]:
     """Per point (in order): FP32's round median over the point's in each round, as median, min and
     max over the rounds; None for a point without round medians (or before FP32 has any)."""
-    fp32 = next((p.get("round_medians_ms") for p in points if p.get("method") == "fp32"), None)
+    fp32 = next((p for p in points if p.get("method") == "fp32"), {})
     paired = []
     for point in points:
-        rounds = point.get("round_medians_ms")
-        if not fp32 or not rounds or len(rounds) != len(fp32):
-            paired.append(None)
-            continue
-        ratios = np.asarray(fp32, dtype=np.float64) / np.asarray(rounds, dtype=np.float64)
-        paired.append({"method": point["method"], "median": float(np.median(ratios)), "min": float(ratios.min()),
-                       "max": float(ratios.max())})
+        ratios = _paired_ratios(fp32, point)
+        paired.append(None if ratios is None else {"method": point["method"], "median": float(np.median(ratios)),
+                                                   "min": float(ratios.min()), "max": float(ratios.max())})
     return paired
 
 
